@@ -1,0 +1,40 @@
+"""The chunk-level events of the TBPTT engines, with a counter so that event filters work on them."""
+
+from ignite.engine import Engine, EventEnum, Events
+
+__all__ = ["Tbptt_Events", "TIME_ITERATION_ATTR", "register_tbptt_events"]
+
+#: The ``engine.state`` attribute that counts chunks over the run, like ``iteration`` counts batches.
+TIME_ITERATION_ATTR = "time_iteration"
+
+
+class Tbptt_Events(EventEnum):
+    """Events fired around every time chunk of a batch.
+
+    Both events carry the counter ``engine.state.time_iteration``, so filters work on them, unlike
+    Ignite's own TBPTT events:
+
+    .. code-block:: python
+
+        @trainer.on(Tbptt_Events.TIME_ITERATION_COMPLETED(every=100))
+        def log_chunk_loss(engine):
+            print(engine.state.time_iteration, engine.state.chunk, float(engine.state.output))
+    """
+
+    TIME_ITERATION_STARTED = "time_iteration_started"
+    TIME_ITERATION_COMPLETED = "time_iteration_completed"
+
+
+def register_tbptt_events(engine: Engine) -> None:
+    """Register :class:`Tbptt_Events` on ``engine`` with the counter ``state.time_iteration``.
+
+    The counter is saved by ``engine.state_dict()`` and starts from 0 on every fresh run.
+    """
+    engine.register_events(*Tbptt_Events, event_to_attr={e: TIME_ITERATION_ATTR for e in Tbptt_Events})
+    engine.state_dict_user_keys.append(TIME_ITERATION_ATTR)
+
+    def reset_counter(engine: Engine) -> None:
+        if engine.state.iteration == 0:  # a fresh run, not one resumed from a state_dict
+            setattr(engine.state, TIME_ITERATION_ATTR, 0)
+
+    engine.add_event_handler(Events.STARTED, reset_counter)

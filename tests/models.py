@@ -1,0 +1,48 @@
+"""Small recurrent models for the tests, all following the (y_pred, hidden) protocol."""
+
+import torch
+from torch import nn
+
+
+class SeqNet(nn.Module):
+    """A fused nn.RNN / nn.GRU / nn.LSTM with a linear head."""
+
+    def __init__(self, kind="LSTM", n_in=2, n_hidden=3, n_out=2, batch_first=False, layers=1):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(n_in, n_hidden, num_layers=layers, batch_first=batch_first)
+        self.head = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x, hidden=None):
+        out, hidden = self.rnn(x, hidden)
+        return self.head(out), hidden
+
+
+class CellNet(nn.Module):
+    """A step-wise GRUCell loop over a (time, batch, features) input, with a dict hidden state."""
+
+    def __init__(self, n_in=2, n_hidden=3, n_out=2):
+        super().__init__()
+        self.cell, self.head = nn.GRUCell(n_in, n_hidden), nn.Linear(n_hidden, n_out)
+        self.n_hidden = n_hidden
+
+    def forward(self, x, hidden=None):
+        h = x.new_zeros(x.shape[1], self.n_hidden) if hidden is None else hidden["h"]
+        outs = []
+        for x_t in x.unbind(0):
+            h = self.cell(x_t, h)
+            outs.append(self.head(h))
+        return torch.stack(outs), {"h": h}
+
+
+def make_model(kind, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = CellNet(**kwargs) if kind == "cell" else SeqNet(kind, **kwargs)
+    return model.double()
+
+
+def make_data(T, batch=3, n_in=2, n_out=2, seed=1, batch_first=False):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, T) if batch_first else (T, batch)
+    x = torch.randn(*shape, n_in, generator=g, dtype=torch.float64)
+    y = torch.randn(*shape, n_out, generator=g, dtype=torch.float64)
+    return x, y

@@ -1,0 +1,115 @@
+"""TBPTT(k1, k2) in both overlap modes against the brute-force reference, in float64."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from ignite_tbptt import Tbptt_Events, create_supervised_tbptt_trainer
+from tests.models import make_data, make_model
+from tests.reference import reference_trajectory
+
+LR = 0.1
+MODES = ["recompute", "retain"]
+
+
+def train_trajectory(model, x, y, k1, k2, overlap, dim=0, loss_fn=nn.MSELoss()):
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    trainer = create_supervised_tbptt_trainer(model, optimizer, loss_fn, tbtt_step=k1, k2=k2, overlap=overlap, dim=dim)
+    trajectory = []
+
+    @trainer.on(Tbptt_Events.TIME_ITERATION_COMPLETED)
+    def record(_):
+        trajectory.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    trainer.run([(x, y)])
+    return trajectory
+
+
+def assert_same_trajectory(got, expected):
+    assert len(got) == len(expected)
+    for update, (a, b) in enumerate(zip(got, expected)):
+        for name in b:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-10, msg=f"update {update + 1}, {name}")
+
+
+def check(kind, T, k1, k2, overlap, dim=0, **model_kwargs):
+    x, y = make_data(T, batch_first=model_kwargs.get("batch_first", False))
+    expected = reference_trajectory(make_model(kind, **model_kwargs), x, y, k1, k2, overlap, LR, nn.MSELoss(), dim)
+    got = train_trajectory(make_model(kind, **model_kwargs), x, y, k1, k2, overlap, dim=dim)
+    assert_same_trajectory(got, expected)
+
+
+@pytest.mark.parametrize("overlap", MODES)
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM", "cell"])
+@pytest.mark.parametrize("T,k1,k2", [(10, 3, 5), (12, 2, 6), (11, 4, 4), (9, 2, 7)])
+def test_matches_reference(kind, overlap, T, k1, k2):
+    check(kind, T, k1, k2, overlap)
+
+
+@pytest.mark.parametrize("overlap", MODES)
+@pytest.mark.parametrize(
+    "T,k1,k2",
+    [
+        (7, 3, 3),  # T not a multiple of k1, k2 == k1
+        (7, 3, 4),  # T not a multiple of k1, short last chunk with overlap
+        (5, 2, 9),  # k2 >= T: every window reaches back to the start
+        (6, 6, 8),  # one chunk
+        (3, 5, 5),  # k1 > T
+        (9, 1, 1),  # k1 = 1, no overlap
+        (9, 1, 4),  # k1 = 1, sliding window
+        (8, 1, 20),  # k1 = 1, window longer than the sequence
+        (1, 1, 3),  # a single step
+    ],
+)
+def test_edge_cases(overlap, T, k1, k2):
+    check("LSTM", T, k1, k2, overlap)
+
+
+@pytest.mark.parametrize("overlap", MODES)
+def test_batch_first(overlap):
+    check("GRU", 10, 3, 5, overlap, dim=1, batch_first=True)
+
+
+@pytest.mark.parametrize("overlap", MODES)
+def test_two_layer_lstm_tuple_hidden(overlap):
+    check("LSTM", 10, 2, 5, overlap, layers=2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    T=st.integers(1, 14),
+    k1=st.integers(1, 5),
+    extra=st.integers(0, 8),
+    overlap=st.sampled_from(MODES),
+    kind=st.sampled_from(["RNN", "LSTM"]),
+)
+def test_property_matches_reference(T, k1, extra, overlap, kind):
+    check(kind, T, k1, k1 + extra, overlap)
+
+
+def test_modes_agree_when_k2_equals_k1_and_differ_otherwise():
+    x, y = make_data(12)
+    same = [train_trajectory(make_model("GRU"), x, y, 3, 3, mode)[-1] for mode in MODES]
+    assert_same_trajectory([same[0]], [same[1]])
+    differ = [train_trajectory(make_model("GRU"), x, y, 3, 6, mode)[-1] for mode in MODES]
+    assert any(not torch.allclose(differ[0][n], differ[1][n]) for n in differ[0])
+
+
+def test_overlap_changes_the_gradient():
+    # Guards the reference itself: a longer window must give a different trajectory.
+    x, y = make_data(10)
+    short = train_trajectory(make_model("RNN"), x, y, 3, 3, "recompute")[-1]
+    long = train_trajectory(make_model("RNN"), x, y, 3, 6, "recompute")[-1]
+    assert any(not torch.allclose(short[n], long[n]) for n in short)
+
+
+@pytest.mark.parametrize("overlap", MODES)
+def test_adam_steps_in_place_without_inplace_errors(overlap):
+    # The forum recipe's crash: optimizer.step() changes parameters that a retained graph saved.
+    model = make_model("LSTM").float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    trainer = create_supervised_tbptt_trainer(model, optimizer, nn.MSELoss(), tbtt_step=2, k2=7, overlap=overlap)
+    x, y = (t.float() for t in make_data(20))
+    trainer.run([(x, y)] * 2, max_epochs=2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
