@@ -1,6 +1,7 @@
 """The main job: a character-level LSTM language model trained with TBPTT on a real corpus.
 
-The default corpus is the English text of the Python documentation that ships with CPython
+The text is cut into parallel streams fed as consecutive batches with ``carry_state=True``, so the hidden
+state flows through the whole corpus. The default corpus is the English text of the Python documentation that ships with CPython
 (``pydoc_data.topics``); ``--text PATH ...`` trains on your own files instead. Nothing is downloaded.
 
 Run it with ``python -m ignite_tbptt.demo`` (or the ``ignite-tbptt-demo`` console script)::
@@ -151,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = CharLSTM(len(vocab), args.hidden).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     trainer = create_supervised_tbptt_trainer(
-        model, optimizer, sequence_loss, tbtt_step=args.k1, k2=args.k2, overlap=args.overlap
+        model, optimizer, sequence_loss, tbtt_step=args.k1, k2=args.k2, overlap=args.overlap, carry_state=True
     )
     print(
         f"corpus: {len(text):,} characters, vocabulary {len(vocab)}; {len(batches)} batches of "

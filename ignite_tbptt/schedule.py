@@ -5,8 +5,8 @@ Nothing here knows about torch. Positions are time steps in *stream* coordinates
 ``SPEC.md`` for the definitions this module implements:
 
 - chunk ``c`` is ``(s_c, t_c]``, with ``t_c = s_c + k1`` and a shorter last chunk;
-- its update differentiates the window ``(w_c, t_c]``, ``w_c = max(origin, s_c - (k2 - k1))``, where
-  ``origin`` is the position at which the hidden state last started afresh.
+- its update differentiates the window ``(w_c, t_c]``, ``w_c = max(0, s_c - (k2 - k1))``; position 0 is
+  where the stream (and its hidden state) started afresh.
 
 Example:
     >>> [tuple(c) for c in plan_chunks(length=10, k1=3, k2=5)]
@@ -54,14 +54,13 @@ def check_steps(k1: int, k2: int) -> None:
         )
 
 
-def plan_chunks(length: int, k1: int, k2: int, offset: int = 0, origin: int = 0) -> List[Chunk]:
+def plan_chunks(length: int, k1: int, k2: int, offset: int = 0) -> List[Chunk]:
     """Split ``length`` steps that start at stream position ``offset`` into the updates of TBPTT(k1, k2).
 
-    Chunks are ``k1`` long except a shorter last one. A window never reaches before ``origin``, the
-    position where the state started afresh (``origin <= offset``).
+    Chunks are ``k1`` long except a shorter last one. A window never reaches before position 0.
 
-    >>> plan_chunks(length=4, k1=2, k2=2, offset=6, origin=6)
-    [Chunk(index=0, start=6, stop=8, window_start=6), Chunk(index=1, start=8, stop=10, window_start=8)]
+    >>> plan_chunks(length=4, k1=2, k2=3, offset=6)
+    [Chunk(index=0, start=6, stop=8, window_start=5), Chunk(index=1, start=8, stop=10, window_start=7)]
     """
     check_steps(k1, k2)
     if length < 1:
@@ -69,10 +68,10 @@ def plan_chunks(length: int, k1: int, k2: int, offset: int = 0, origin: int = 0)
     overlap = k2 - k1
     stop = offset + length
     starts = range(offset, stop, k1)
-    return [Chunk(i, s, min(s + k1, stop), max(origin, s - overlap)) for i, s in enumerate(starts)]
+    return [Chunk(i, s, min(s + k1, stop), max(0, s - overlap)) for i, s in enumerate(starts)]
 
 
-def later_window_starts(chunk: Chunk, batch_stop: int, k1: int, k2: int, origin: int, stream: bool) -> List[int]:
+def later_window_starts(chunk: Chunk, batch_stop: int, k1: int, k2: int, stream: bool) -> List[int]:
     """Window starts of the updates after ``chunk`` that fall before ``chunk.stop``, in increasing order.
 
     These are the positions where the forward pass of ``chunk``'s update must keep a state (``recompute``)
@@ -80,9 +79,9 @@ def later_window_starts(chunk: Chunk, batch_stop: int, k1: int, k2: int, origin:
     up to ``batch_stop``. With ``stream=True`` the next batch continues the stream from ``batch_stop`` on
     the same grid, so its windows may reach back into this batch.
 
-    >>> later_window_starts(Chunk(0, 0, 3, 0), batch_stop=10, k1=3, k2=5, origin=0, stream=False)
+    >>> later_window_starts(Chunk(0, 0, 3, 0), batch_stop=10, k1=3, k2=5, stream=False)
     [1]
-    >>> later_window_starts(Chunk(3, 9, 10, 7), batch_stop=10, k1=3, k2=5, origin=0, stream=True)
+    >>> later_window_starts(Chunk(3, 9, 10, 7), batch_stop=10, k1=3, k2=5, stream=True)
     [8]
     """
     overlap = k2 - k1
@@ -90,7 +89,7 @@ def later_window_starts(chunk: Chunk, batch_stop: int, k1: int, k2: int, origin:
     starts: Iterable[int] = range(chunk.start + k1, min(batch_stop, limit), k1)
     if stream:
         starts = list(starts) + list(range(batch_stop, limit, k1))
-    return sorted({max(origin, s - overlap) for s in starts})
+    return sorted({max(0, s - overlap) for s in starts})
 
 
 def segment_spans(start: int, stop: int, cuts: Iterable[int]) -> List[Tuple[int, int]]:

@@ -4,10 +4,11 @@ The data flows one way: batch -> chunks (:mod:`ignite_tbptt.schedule`) -> window
 (:mod:`ignite_tbptt.window`) -> optimizer step -> chunk events.
 """
 
+import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from ignite.engine import Engine, _prepare_batch
+from ignite.engine import Engine, Events, _prepare_batch
 from ignite.utils import apply_to_tensor
 from torch import nn
 
@@ -15,7 +16,7 @@ from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, register_tbpt
 from ignite_tbptt.schedule import Chunk, check_steps, later_window_starts, plan_chunks
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn
 
-__all__ = ["Tbptt_Events", "create_supervised_tbptt_trainer", "supervised_tbptt_training_step"]
+__all__ = ["Tbptt_Events", "create_supervised_tbptt_trainer", "reset_state", "supervised_tbptt_training_step"]
 
 OVERLAP_MODES = {"recompute": RecomputeWindow, "retain": RetainWindow}
 
@@ -64,6 +65,55 @@ def split_batch(batch: Any, dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
     return x, y, x.shape[dim]
 
 
+class CarriedState:
+    """Where the trained stream stands: the backprop window (state, inputs or graphs) and the stream position.
+
+    Without ``carry`` every batch starts afresh, as in Ignite. With it, batches continue one stream, and
+    the state starts afresh only on :meth:`reset`, which the trainer calls at every epoch start, or when the
+    batch size changes (with a warning), since the carried state no longer matches the batch.
+    """
+
+    def __init__(self, window: Any, carry: bool) -> None:
+        self.window, self.carry = window, carry
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the carried state: the next batch starts a fresh stream."""
+        self.window.reset()
+        self.position, self.batch_size = 0, None
+
+    def begin_batch(self, x: torch.Tensor, dim: int) -> int:
+        """Prepare for a batch ``x`` with time axis ``dim``; return its start position in the stream."""
+        # Ignite's convention: (time, batch, ...) for dim=0, (batch, time, ...) otherwise.
+        batch_size = x.shape[1 if dim == 0 else 0] if x.dim() > 1 else None
+        if not self.carry:
+            self.reset()
+        elif self.batch_size is not None and batch_size != self.batch_size:
+            warnings.warn(
+                f"carry_state: the batch size changed from {self.batch_size} to {batch_size}; "
+                "the carried state does not fit this batch and starts afresh",
+                stacklevel=2,
+            )
+            self.reset()
+        self.batch_size = batch_size
+        return self.position
+
+
+def reset_state(engine: Engine) -> None:
+    """Handler that makes the trainer's next batch start a fresh stream (no carried state or window).
+
+    Example:
+        >>> import torch
+        >>> from ignite.engine import Events
+        >>> model = torch.nn.RNN(1, 1)
+        >>> trainer = create_supervised_tbptt_trainer(
+        ...     model, torch.optim.SGD(model.parameters(), 0.1), torch.nn.MSELoss(), tbtt_step=5, carry_state=True
+        ... )
+        >>> _ = trainer.add_event_handler(Events.ITERATION_STARTED(every=10), reset_state)  # every 10 batches
+    """
+    engine.carried_state.reset()
+
+
 def supervised_tbptt_training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -77,6 +127,7 @@ def supervised_tbptt_training_step(
     prepare_batch: Callable = _prepare_batch,
     model_fn: Callable = default_model_fn,
     output_transform: Callable = _default_output_transform,
+    carry_state: bool = False,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
 
@@ -85,7 +136,8 @@ def supervised_tbptt_training_step(
     loss in ``engine.state.output`` (a detached tensor: no host sync per chunk). The batch output is
     ``output_transform(x, y, y_pred, loss)`` with ``loss`` the mean of the chunk losses weighted by their
     lengths, and ``y_pred`` the detached predictions over the batch (collected only for a custom
-    ``output_transform``).
+    ``output_transform``). The returned function's ``carried_state`` attribute is its
+    :class:`CarriedState`; with ``carry_state=True`` the stream carries over from batch to batch.
 
     Example:
         >>> from ignite.engine import Engine
@@ -103,6 +155,7 @@ def supervised_tbptt_training_step(
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
     # Looked up at call time so that a test can patch the module-level _detach_hidden.
     window = OVERLAP_MODES[overlap](model, loss_fn, model_fn, lambda hidden: _detach_hidden(hidden), dim)
+    stream = CarriedState(window, carry_state)
     keep_predictions = output_transform is not _default_output_transform
 
     def run_chunk(engine: Engine, chunk: Chunk, num_chunks: int, later: List[int], x: Any, y: Any) -> Tuple[Any, Any]:
@@ -120,19 +173,21 @@ def supervised_tbptt_training_step(
 
     def update(engine: Engine, batch: Any) -> Any:
         x, y, length = split_batch(batch, dim)
-        chunks = plan_chunks(length, tbtt_step, k2)
-        window.reset()
+        offset = stream.begin_batch(x, dim)
+        chunks = plan_chunks(length, tbtt_step, k2, offset)
         total, predictions = 0, []
         for chunk in chunks:
-            later = later_window_starts(chunk, length, tbtt_step, k2, origin=0, stream=False)
-            x_c, y_c = (t.narrow(dim, chunk.start, chunk.length) for t in (x, y))
+            later = later_window_starts(chunk, offset + length, tbtt_step, k2, stream=stream.carry)
+            x_c, y_c = (t.narrow(dim, chunk.start - offset, chunk.length) for t in (x, y))
             y_pred, loss = run_chunk(engine, chunk, len(chunks), later, x_c, y_c)
             total = total + loss * chunk.length
             if keep_predictions:
                 predictions.append(apply_to_tensor(y_pred, torch.Tensor.detach))
+        stream.position = offset + length
         y_pred = cat_time(predictions, dim) if predictions else None
         return output_transform(x, y, y_pred, total / length)
 
+    update.carried_state = stream  # type: ignore[attr-defined]
     return update
 
 
@@ -149,6 +204,7 @@ def create_supervised_tbptt_trainer(
     overlap: str = "recompute",
     model_fn: Callable = default_model_fn,
     output_transform: Callable = _default_output_transform,
+    carry_state: bool = False,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
 
@@ -186,6 +242,10 @@ def create_supervised_tbptt_trainer(
         overlap: ``"recompute"`` or ``"retain"``: how the ``k2 - k1`` overlap steps are differentiated.
         model_fn: ``model_fn(model, x, hidden) -> (y_pred, hidden)``.
         output_transform: ``output_transform(x, y, y_pred, loss)`` gives ``engine.state.output`` per batch.
+        carry_state: carry the hidden state, and for ``k2 > tbtt_step`` the backprop window, from one batch
+            to the next, as if the batches were one long stream. The stream starts afresh at every epoch, when
+            the batch size changes (with a warning), and whenever the :func:`reset_state` handler runs. The
+            carried state is ``engine.carried_state``.
 
     Returns:
         an Ignite ``Engine`` with :class:`Tbptt_Events` registered.
@@ -210,8 +270,11 @@ def create_supervised_tbptt_trainer(
     """
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
-        model_fn, output_transform,
+        model_fn, output_transform, carry_state,
     )
     engine = Engine(step)
     register_tbptt_events(engine)
+    engine.carried_state = step.carried_state  # type: ignore[attr-defined]
+    if carry_state:
+        engine.add_event_handler(Events.EPOCH_STARTED, reset_state)
     return engine

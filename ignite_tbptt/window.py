@@ -115,10 +115,10 @@ class RecomputeWindow:
         self.inputs = _Inputs(dim)
         self.reset()
 
-    def reset(self, origin: int = 0) -> None:
-        """Start a fresh sequence at stream position ``origin``: no state, no inputs."""
+    def reset(self) -> None:
+        """Start a fresh stream at position 0: no state, no inputs."""
         self.inputs.clear()
-        self.state_at, self.hidden = origin, None
+        self.state_at, self.hidden = 0, None
 
     def __call__(
         self, chunk: Chunk, later_starts: List[int], x: torch.Tensor, y: torch.Tensor
@@ -217,8 +217,8 @@ class RetainWindow:
         self.segments: Deque[_Segment] = deque()
         self.hidden: Optional[Hidden] = None
 
-    def reset(self, origin: int = 0) -> None:
-        """Start a fresh sequence: no state, no retained graphs."""
+    def reset(self) -> None:
+        """Start a fresh stream: no state, no retained graphs."""
         self.segments.clear()
         self.hidden = None
 

@@ -17,10 +17,11 @@ def test_k2_equal_k1_windows_are_the_chunks():
     assert all(c.window_start == c.start for c in plan_chunks(11, 4, 4))
 
 
-def test_windows_never_reach_before_the_origin():
-    chunks = plan_chunks(6, 2, 9, offset=10, origin=8)
-    assert [c.window_start for c in chunks] == [8, 8, 8]
+def test_windows_of_a_later_batch_reach_back_into_the_stream():
+    chunks = plan_chunks(6, 2, 9, offset=10)
+    assert [c.window_start for c in chunks] == [3, 5, 7]
     assert [c.index for c in chunks] == [0, 1, 2]
+    assert [c.window_start for c in plan_chunks(6, 2, 30, offset=10)] == [0, 0, 0]
 
 
 @given(T=st.integers(1, 60), k1=st.integers(1, 9), extra=st.integers(0, 20))
@@ -38,7 +39,7 @@ def test_later_window_starts_are_the_windows_of_later_chunks(T, k1, extra):
     chunks = plan_chunks(T, k1, k1 + extra)
     for c in chunks:
         expected = sorted({d.window_start for d in chunks[c.index + 1:] if d.window_start < c.stop})
-        assert later_window_starts(c, T, k1, k1 + extra, origin=0, stream=False) == expected
+        assert later_window_starts(c, T, k1, k1 + extra, stream=False) == expected
 
 
 @given(T1=st.integers(1, 30), T2=st.integers(1, 30), k1=st.integers(1, 6), extra=st.integers(0, 12))
@@ -48,7 +49,7 @@ def test_streamed_later_starts_include_the_next_batch(T1, T2, k1, extra):
     k2 = k1 + extra
     first, second = plan_chunks(T1, k1, k2), plan_chunks(T2, k1, k2, offset=T1)
     last = first[-1]
-    got = later_window_starts(last, T1, k1, k2, origin=0, stream=True)
+    got = later_window_starts(last, T1, k1, k2, stream=True)
     needed = {c.window_start for c in second if c.window_start < last.stop}
     assert needed <= set(got)
     assert got == sorted(got) and all(w < last.stop for w in got)
