@@ -113,3 +113,26 @@ def test_adam_steps_in_place_without_inplace_errors(overlap):
     x, y = (t.float() for t in make_data(20))
     trainer.run([(x, y)] * 2, max_epochs=2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("overlap", MODES)
+@pytest.mark.parametrize("k1,k2", [(2, 7), (1, 5), (4, 4)])
+def test_kept_window_is_bounded_by_k2_not_t(overlap, k1, k2):
+    model = make_model("LSTM")
+    trainer = create_supervised_tbptt_trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), tbtt_step=k1, k2=k2, overlap=overlap,
+        carry_state=True,
+    )
+    window = trainer.carried_state.window
+    spans = []
+
+    @trainer.on(Tbptt_Events.TIME_ITERATION_COMPLETED)
+    def measure(engine):
+        kept = window.segments if overlap == "retain" else window.inputs.chunks
+        spans.append((engine.state.chunk.stop - min((k[0] for k in kept), default=engine.state.chunk.stop), len(kept)))
+
+    trainer.run([make_data(60)] * 4)  # one stream of 240 steps
+    # Kept: what the next window needs, from its start (k2 - k1 before the next chunk) on, rounded down to
+    # a whole input chunk for recompute: never more than k2 - 1 steps back.
+    assert max(span for span, _ in spans) <= k2 - 1
+    assert max(count for _, count in spans) <= 2 * k2
