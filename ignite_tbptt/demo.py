@@ -1,8 +1,9 @@
 """The main job: a character-level LSTM language model trained with TBPTT on a real corpus.
 
 The text is cut into parallel streams fed as consecutive batches with ``carry_state=True``, so the hidden
-state flows through the whole corpus. The default corpus is the English text of the Python documentation that ships with CPython
-(``pydoc_data.topics``); ``--text PATH ...`` trains on your own files instead. Nothing is downloaded.
+state flows through the whole corpus. The default corpus is the English text of the Python documentation
+that ships with CPython (``pydoc_data.topics``); ``--text PATH ...`` trains on your own files instead.
+Nothing is downloaded.
 
 Run it with ``python -m ignite_tbptt.demo`` (or the ``ignite-tbptt-demo`` console script)::
 
