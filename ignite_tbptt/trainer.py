@@ -98,6 +98,10 @@ class CarriedState:
         self.batch_size = batch_size
         return self.position
 
+    def end_batch(self, length: int) -> None:
+        """Move the stream position past a finished batch of ``length`` steps."""
+        self.position += length
+
 
 def reset_state(engine: Engine) -> None:
     """Handler that makes the trainer's next batch start a fresh stream (no carried state or window).
@@ -183,7 +187,7 @@ def supervised_tbptt_training_step(
             total = total + loss * chunk.length
             if keep_predictions:
                 predictions.append(apply_to_tensor(y_pred, torch.Tensor.detach))
-        stream.position = offset + length
+        stream.end_batch(length)
         y_pred = cat_time(predictions, dim) if predictions else None
         return output_transform(x, y, y_pred, total / length)
 

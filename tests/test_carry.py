@@ -7,24 +7,13 @@ import torch
 from ignite.engine import Events
 from torch import nn
 
-from ignite_tbptt import Tbptt_Events, create_supervised_tbptt_trainer, reset_state
+from ignite_tbptt import create_supervised_tbptt_trainer, reset_state
 from tests.models import make_data, make_model
-from tests.test_k1k2 import assert_same_trajectory
+from tests.test_k1k2 import assert_same_trajectory, batches_trajectory
 
 
-def trajectory(batches, k1, k2, overlap, carry_state=True, kind="LSTM", max_epochs=1):
-    model = make_model(kind)
-    trainer = create_supervised_tbptt_trainer(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), tbtt_step=k1, k2=k2, overlap=overlap,
-        carry_state=carry_state,
-    )
-    points = []
-    trainer.add_event_handler(
-        Tbptt_Events.TIME_ITERATION_COMPLETED,
-        lambda _: points.append({n: p.detach().clone() for n, p in model.named_parameters()}),
-    )
-    trainer.run(batches, max_epochs=max_epochs)
-    return points
+def trajectory(batches, k1, k2, overlap, carry_state=True):
+    return batches_trajectory(make_model("LSTM"), batches, k1, k2, overlap, carry_state=carry_state)
 
 
 @pytest.mark.parametrize("overlap", ["recompute", "retain"])

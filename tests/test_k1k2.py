@@ -13,17 +13,24 @@ LR = 0.1
 MODES = ["recompute", "retain"]
 
 
-def train_trajectory(model, x, y, k1, k2, overlap, dim=0, loss_fn=nn.MSELoss()):
+def batches_trajectory(model, batches, k1, k2, overlap, **trainer_kwargs):
+    """Parameters after every SGD update of the trainer over ``batches`` (one epoch)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    trainer = create_supervised_tbptt_trainer(model, optimizer, loss_fn, tbtt_step=k1, k2=k2, overlap=overlap, dim=dim)
+    trainer = create_supervised_tbptt_trainer(
+        model, optimizer, nn.MSELoss(), tbtt_step=k1, k2=k2, overlap=overlap, **trainer_kwargs
+    )
     trajectory = []
 
     @trainer.on(Tbptt_Events.TIME_ITERATION_COMPLETED)
     def record(_):
         trajectory.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
-    trainer.run([(x, y)])
+    trainer.run(batches)
     return trajectory
+
+
+def train_trajectory(model, x, y, k1, k2, overlap, dim=0):
+    return batches_trajectory(model, [(x, y)], k1, k2, overlap, dim=dim)
 
 
 def assert_same_trajectory(got, expected):

@@ -6,7 +6,6 @@ from unittest import mock
 import pytest
 import torch
 from ignite.contrib.engines import create_supervised_tbptt_trainer as ignite_trainer
-from ignite.engine import Events
 from torch import nn
 
 import ignite_tbptt.trainer
