@@ -22,6 +22,9 @@ class Tbptt_Events(EventEnum):
     """
 
     TIME_ITERATION_STARTED = "time_iteration_started"
+    #: Between a chunk's backward pass and its optimizer step (only when the optimizer steps): gradients
+    #: are final (unscaled under AMP, averaged across processes), so handlers can log or clip them.
+    GRADIENTS_COMPUTED = "gradients_computed"
     TIME_ITERATION_COMPLETED = "time_iteration_completed"
 
 

@@ -4,21 +4,34 @@ The data flows one way: batch -> chunks (:mod:`ignite_tbptt.schedule`) -> window
 (:mod:`ignite_tbptt.window`) -> optimizer step -> chunk events.
 """
 
+import contextlib
 import warnings
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import ignite.distributed as idist
 import torch
-from ignite.engine import Engine, Events, _prepare_batch
+from ignite.engine import DeterministicEngine, Engine, Events, _prepare_batch
 from ignite.utils import apply_to_tensor
 from torch import nn
 
 from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, register_tbptt_events
 from ignite_tbptt.schedule import Chunk, check_steps, later_window_starts, plan_chunks
+from ignite_tbptt.sequences import Gate, SequenceInfo, chunk_gates, masked_pair, parse_sequence_info
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn
 
-__all__ = ["Tbptt_Events", "create_supervised_tbptt_trainer", "reset_state", "supervised_tbptt_training_step"]
+__all__ = [
+    "Tbptt_Events",
+    "average_gradients",
+    "create_supervised_tbptt_trainer",
+    "reset_state",
+    "supervised_tbptt_training_step",
+]
 
 OVERLAP_MODES = {"recompute": RecomputeWindow, "retain": RetainWindow}
+
+#: The key of the carried stream in the trainer's ``state_dict()``.
+CARRIED_STATE_KEY = "tbptt_carried_state"
 
 
 def _detach_hidden(hidden: Any) -> Any:
@@ -37,20 +50,27 @@ def _default_output_transform(x: Any, y: Any, y_pred: Any, loss: torch.Tensor) -
     return loss.item()
 
 
-def split_batch(batch: Any, dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Check that ``batch`` is an ``(x, y)`` pair of tensors sharing a time axis ``dim``; return it and ``T``.
+def batch_size_of(x: torch.Tensor, dim: int) -> int:
+    """The batch size of ``x`` in Ignite's layout: axis 1 for ``dim=0``, axis 0 otherwise (1 if unbatched)."""
+    return x.shape[1 if dim == 0 else 0] if x.dim() > 1 else 1
 
-    Raises ``TypeError`` or ``ValueError`` naming the problem, before anything runs.
+
+def split_batch(batch: Any, dim: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[SequenceInfo], int]:
+    """Check a batch ``(x, y)`` or ``(x, y, sequence_info)`` sharing a time axis ``dim``; return it and ``T``.
+
+    ``sequence_info`` is a dict with ``"lengths"``, ``"mask"`` and/or ``"resets"`` (see
+    :mod:`ignite_tbptt.sequences`). Raises ``TypeError`` or ``ValueError`` naming the problem, before anything
+    runs.
 
     >>> split_batch((torch.zeros(5, 2), torch.zeros(4, 2)), dim=0)
     Traceback (most recent call last):
     ...
     ValueError: x and y must have the same length along the time axis dim=0, got 5 and 4
     """
-    if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence) or len(batch) != 2:
+    if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence) or len(batch) not in (2, 3):
         kind = f"a sequence of length {len(batch)}" if isinstance(batch, Sequence) else type(batch).__name__
-        raise TypeError(f"a batch must be an (x, y) pair, got {kind}")
-    x, y = batch
+        raise TypeError(f"a batch must be an (x, y) pair or an (x, y, sequence_info) triple, got {kind}")
+    x, y = batch[0], batch[1]
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor with a time axis, got {type(t).__name__}")
@@ -62,7 +82,25 @@ def split_batch(batch: Any, dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
         )
     if x.shape[dim] == 0:
         raise ValueError(f"x and y have no time steps along dim={dim}")
-    return x, y, x.shape[dim]
+    info = parse_sequence_info(batch[2], x, dim) if len(batch) == 3 else None
+    return x, y, info, x.shape[dim]
+
+
+def chunk_sequence(
+    info: Optional[SequenceInfo], rows: slice, chunk: Chunk, x: torch.Tensor, dim: int
+) -> Tuple[List[Gate], Optional[torch.Tensor], int]:
+    """A chunk's gates, its validity mask in the layout of ``x`` (``None``: all valid) and its loss weight.
+
+    The weight is the number of (step, sample) pairs the chunk's loss averages over.
+    """
+    if info is None:
+        return [Gate(chunk.start, None, None)], None, chunk.length * batch_size_of(x, dim)
+    gates = chunk_gates(info, rows, chunk.start, x.device)
+    if info.valid is None:
+        return gates, None, chunk.length * batch_size_of(x, dim)
+    valid = info.valid[rows]
+    weight = int(valid.sum())  # a host tensor: no device sync
+    return gates, (valid if dim == 0 else valid.t()).to(x.device), weight
 
 
 class CarriedState:
@@ -70,7 +108,8 @@ class CarriedState:
 
     Without ``carry`` every batch starts afresh, as in Ignite. With it, batches continue one stream, and
     the state starts afresh only on :meth:`reset`, which the trainer calls at every epoch start, or when the
-    batch size changes (with a warning), since the carried state no longer matches the batch.
+    batch size changes (with a warning), since the carried state no longer matches the batch. It is saved
+    in the engine's ``state_dict()``, so a run resumed from a checkpoint continues the stream exactly.
     """
 
     def __init__(self, window: Any, carry: bool) -> None:
@@ -84,8 +123,7 @@ class CarriedState:
 
     def begin_batch(self, x: torch.Tensor, dim: int) -> int:
         """Prepare for a batch ``x`` with time axis ``dim``; return its start position in the stream."""
-        # Ignite's convention: (time, batch, ...) for dim=0, (batch, time, ...) otherwise.
-        batch_size = x.shape[1 if dim == 0 else 0] if x.dim() > 1 else None
+        batch_size = batch_size_of(x, dim)
         if not self.carry:
             self.reset()
         elif self.batch_size is not None and batch_size != self.batch_size:
@@ -101,6 +139,47 @@ class CarriedState:
     def end_batch(self, length: int) -> None:
         """Move the stream position past a finished batch of ``length`` steps."""
         self.position += length
+
+    def state_dict(self) -> Optional[Dict[str, Any]]:
+        """The stream position and window, or ``None`` when nothing carries over to the next batch."""
+        if not self.carry:
+            return None
+        return {"position": self.position, "batch_size": self.batch_size, "window": self.window.state_dict()}
+
+    def load_state_dict(self, saved: Optional[Dict[str, Any]]) -> None:
+        self.reset()
+        if saved is not None and self.carry:
+            self.position, self.batch_size = saved["position"], saved["batch_size"]
+            self.window.load_state_dict(saved["window"])
+
+
+class _CarriedStateEngineMixin:
+    """Saves ``engine.carried_state`` in ``state_dict()`` (so ``Checkpoint`` keeps it) and restores it."""
+
+    carried_state: CarriedState
+
+    def state_dict(self) -> "OrderedDict[str, Any]":
+        saved = super().state_dict()  # type: ignore[misc]
+        saved[CARRIED_STATE_KEY] = self.carried_state.state_dict()
+        return saved
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        state_dict = dict(state_dict)
+        carried = state_dict.pop(CARRIED_STATE_KEY, None)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self.carried_state.load_state_dict(carried)
+
+
+class TbpttEngine(_CarriedStateEngineMixin, Engine):
+    """The trainer's ``Engine``: Ignite's, with the carried stream in ``state_dict()``."""
+
+
+class DeterministicTbpttEngine(_CarriedStateEngineMixin, DeterministicEngine):
+    """The trainer's engine for ``deterministic=True``: Ignite's ``DeterministicEngine`` plus the carried stream.
+
+    Resumed mid-epoch from a checkpoint, it replays the data from the right batch and the stream from the
+    right state, so the run continues exactly as the uninterrupted one.
+    """
 
 
 def reset_state(engine: Engine) -> None:
@@ -118,6 +197,67 @@ def reset_state(engine: Engine) -> None:
     engine.carried_state.reset()
 
 
+def _reset_at_epoch_start(engine: Engine) -> None:
+    # Not when a run resumes mid-epoch from a state_dict: the restored stream continues.
+    state = engine.state
+    if state.epoch_length is None or state.iteration == (state.epoch - 1) * state.epoch_length:
+        reset_state(engine)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _device_type(device: Optional[Union[str, torch.device]], model: Any) -> str:
+    if device is not None:
+        return torch.device(device).type
+    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    return "cpu" if param is None else param.device.type
+
+
+def _amp_context(amp_mode: Optional[str], device_type: str) -> Callable[[], ContextManager]:
+    """``torch.autocast`` for the device (float16 on CUDA, bfloat16 on CPU), or nothing without AMP."""
+    if amp_mode is None:
+        return contextlib.nullcontext
+    if amp_mode != "amp":
+        raise ValueError(f'amp_mode must be None or "amp", got {amp_mode!r}')
+    return lambda: torch.autocast(device_type=device_type)
+
+
+def _grad_scaler(scaler: Union[bool, "torch.amp.GradScaler"], amp_mode: Optional[str], device_type: str) -> Any:
+    if scaler is False or scaler is None:
+        return None
+    if amp_mode != "amp":
+        raise ValueError('a scaler needs amp_mode="amp"')
+    if scaler is True:
+        return torch.amp.GradScaler(device_type)
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a bool or a torch.amp.GradScaler, got {type(scaler).__name__}")
+    return scaler
+
+
+def _is_ddp(model: Any) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Average the parameters' gradients across processes (``ignite.distributed``), in one all-reduce.
+
+    A parameter without a gradient counts as zero, so that every process joins the same reduction.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = idist.all_reduce(flat) / idist.get_world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
 def supervised_tbptt_training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -132,16 +272,22 @@ def supervised_tbptt_training_step(
     model_fn: Callable = default_model_fn,
     output_transform: Callable = _default_output_transform,
     carry_state: bool = False,
+    amp_mode: Optional[str] = None,
+    scaler: Union[bool, "torch.amp.GradScaler"] = False,
+    gradient_accumulation_steps: int = 1,
+    clip_grad_norm: Optional[float] = None,
+    hidden_batch_dim: int = -2,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
 
-    For every chunk of the batch it fires ``TIME_ITERATION_STARTED``, zeroes the gradients, lets the window
-    run forward and backward, steps the optimizer and fires ``TIME_ITERATION_COMPLETED`` with the chunk's
-    loss in ``engine.state.output`` (a detached tensor: no host sync per chunk). The batch output is
-    ``output_transform(x, y, y_pred, loss)`` with ``loss`` the mean of the chunk losses weighted by their
-    lengths, and ``y_pred`` the detached predictions over the batch (collected only for a custom
-    ``output_transform``). The returned function's ``carried_state`` attribute is its
-    :class:`CarriedState`; with ``carry_state=True`` the stream carries over from batch to batch.
+    For every chunk of the batch it fires ``TIME_ITERATION_STARTED``, zeroes the gradients (at the start of
+    each accumulation group), lets the window run forward, computes the chunk's loss over its valid steps,
+    lets the window backpropagate it, steps the optimizer (firing ``GRADIENTS_COMPUTED`` just before) and
+    fires ``TIME_ITERATION_COMPLETED`` with the chunk's loss in ``engine.state.output`` (a detached tensor:
+    no host sync per chunk). The batch output is ``output_transform(x, y, y_pred, loss)`` with ``loss`` the
+    mean of the chunk losses weighted by their number of valid (step, sample) pairs, and ``y_pred`` the
+    detached predictions over the batch (collected only for a custom ``output_transform``). The returned
+    function's ``carried_state`` attribute is its :class:`CarriedState`.
 
     Example:
         >>> from ignite.engine import Engine
@@ -155,41 +301,94 @@ def supervised_tbptt_training_step(
     check_steps(tbtt_step, k2)
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"overlap must be one of {sorted(OVERLAP_MODES)}, got {overlap!r}")
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    for name, value in (("dim", dim), ("hidden_batch_dim", hidden_batch_dim)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    _check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+        raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
+    if _is_ddp(model) and overlap == "retain" and k2 > tbtt_step:
+        raise ValueError(
+            'overlap="retain" with k2 > tbtt_step backpropagates each forward pass in several backward calls, '
+            "which DistributedDataParallel cannot reduce; pass the plain model (the trainer then averages the "
+            'gradients across processes itself) or use overlap="recompute"'
+        )
+    device_type = _device_type(device, model)
+    autocast = _amp_context(amp_mode, device_type)
+    grad_scaler = _grad_scaler(scaler, amp_mode, device_type)
+    accumulate = gradient_accumulation_steps
     # Looked up at call time so that a test can patch the module-level _detach_hidden.
-    window = OVERLAP_MODES[overlap](model, loss_fn, model_fn, lambda hidden: _detach_hidden(hidden), dim)
+    window = OVERLAP_MODES[overlap](model, model_fn, lambda hidden: _detach_hidden(hidden), dim, hidden_batch_dim)
     stream = CarriedState(window, carry_state)
     keep_predictions = output_transform is not _default_output_transform
+    has_grads = False  # whether the current accumulation group backpropagated anything
 
-    def run_chunk(engine: Engine, chunk: Chunk, num_chunks: int, later: List[int], x: Any, y: Any) -> Tuple[Any, Any]:
+    def backward(loss: Optional[torch.Tensor]) -> None:
+        nonlocal has_grads
+        if loss is not None:
+            loss = loss / accumulate if accumulate > 1 else loss
+            loss = grad_scaler.scale(loss) if grad_scaler is not None else loss
+            has_grads = True
+        window.backward(loss)
+
+    def optimizer_step(engine: Engine) -> None:
+        nonlocal has_grads
+        distributed = idist.get_world_size() > 1 and not _is_ddp(model)
+        if not (has_grads or distributed):
+            return  # nothing was valid: no update (a scaler could not step without gradients either)
+        has_grads = False
+        if distributed:
+            average_gradients(model)
+        if grad_scaler is not None:
+            grad_scaler.unscale_(optimizer)
+        engine.fire_event(Tbptt_Events.GRADIENTS_COMPUTED)
+        if clip_grad_norm is not None:
+            engine.state.grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        if grad_scaler is not None:
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+        else:
+            optimizer.step()
+
+    def run_chunk(
+        engine: Engine, chunk: Chunk, num_chunks: int, later: List[int], x: Any, y: Any, info: Any, rows: slice
+    ) -> Tuple[Any, torch.Tensor, int]:
         x_t, y_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)
-        setattr(engine.state, TIME_ITERATION_ATTR, getattr(engine.state, TIME_ITERATION_ATTR) + 1)
-        engine.state.chunk, engine.state.num_chunks = chunk, num_chunks
+        gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
+        count = getattr(engine.state, TIME_ITERATION_ATTR) + 1
+        setattr(engine.state, TIME_ITERATION_ATTR, count)
+        engine.state.chunk, engine.state.num_chunks, engine.state.chunk_weight = chunk, num_chunks, weight
         engine.fire_event(Tbptt_Events.TIME_ITERATION_STARTED)
         model.train()
-        optimizer.zero_grad()
-        y_pred, loss = window(chunk, later, x_t, y_t)
-        optimizer.step()
-        engine.state.output = loss.detach()
+        if (count - 1) % accumulate == 0:
+            optimizer.zero_grad()
+        with autocast():
+            y_pred = window.forward(chunk, later, x_t, gates)
+            loss = loss_fn(*masked_pair(y_pred, y_t, valid)) if weight else None
+        backward(loss)
+        if count % accumulate == 0:
+            optimizer_step(engine)
+        engine.state.output = loss.detach() if loss is not None else torch.zeros((), device=x_t.device)
         engine.fire_event(Tbptt_Events.TIME_ITERATION_COMPLETED)
-        return y_pred, engine.state.output
+        return y_pred, engine.state.output, weight
 
     def update(engine: Engine, batch: Any) -> Any:
-        x, y, length = split_batch(batch, dim)
+        x, y, info, length = split_batch(batch, dim)
         offset = stream.begin_batch(x, dim)
         chunks = plan_chunks(length, tbtt_step, k2, offset)
-        total, predictions = 0, []
+        total, total_weight, predictions = 0, 0, []
         for chunk in chunks:
             later = later_window_starts(chunk, offset + length, tbtt_step, k2, stream=stream.carry)
-            x_c, y_c = (t.narrow(dim, chunk.start - offset, chunk.length) for t in (x, y))
-            y_pred, loss = run_chunk(engine, chunk, len(chunks), later, x_c, y_c)
-            total = total + loss * chunk.length
+            rows = slice(chunk.start - offset, chunk.stop - offset)
+            x_c, y_c = (t.narrow(dim, rows.start, chunk.length) for t in (x, y))
+            y_pred, loss, weight = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows)
+            total, total_weight = total + loss * weight, total_weight + weight
             if keep_predictions:
                 predictions.append(apply_to_tensor(y_pred, torch.Tensor.detach))
         stream.end_batch(length)
         y_pred = cat_time(predictions, dim) if predictions else None
-        return output_transform(x, y, y_pred, total / length)
+        mean = total / total_weight if total_weight else torch.tensor(float("nan"))
+        return output_transform(x, y, y_pred, mean)
 
     update.carried_state = stream  # type: ignore[attr-defined]
     return update
@@ -209,6 +408,12 @@ def create_supervised_tbptt_trainer(
     model_fn: Callable = default_model_fn,
     output_transform: Callable = _default_output_transform,
     carry_state: bool = False,
+    deterministic: bool = False,
+    amp_mode: Optional[str] = None,
+    scaler: Union[bool, "torch.amp.GradScaler"] = False,
+    gradient_accumulation_steps: int = 1,
+    clip_grad_norm: Optional[float] = None,
+    hidden_batch_dim: int = -2,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
 
@@ -226,15 +431,22 @@ def create_supervised_tbptt_trainer(
     - ``engine.state.time_iteration`` counts chunks, so ``Tbptt_Events.TIME_ITERATION_COMPLETED(every=N)``
       and chunk-level logging work; during chunk events ``engine.state.chunk`` is the running
       :class:`~ignite_tbptt.schedule.Chunk` (index, time span, window start), ``engine.state.num_chunks``
-      their count in the batch, and ``engine.state.output`` the chunk's loss as a detached tensor.
-    - The batch output is the mean of the chunk losses weighted by chunk length, converted to a float once
-      per batch. ``output_transform(x, y, y_pred, loss)`` replaces it, as in ``create_supervised_trainer``.
+      their count in the batch, ``engine.state.chunk_weight`` the number of (step, sample) pairs its loss
+      averages, and ``engine.state.output`` the chunk's loss as a detached tensor.
+    - ``Tbptt_Events.GRADIENTS_COMPUTED`` fires between the backward pass and the optimizer step (gradients
+      unscaled and averaged across processes), so handlers can inspect or clip them.
+    - The batch output is the mean of the chunk losses weighted by their valid steps, converted to a float
+      once per batch. ``output_transform(x, y, y_pred, loss)`` replaces it, as in ``create_supervised_trainer``.
+    - A batch may be ``(x, y, sequence_info)`` with per-sample ``"lengths"``/``"mask"`` (padding) and
+      ``"resets"`` (a sample starts a new sequence); see :mod:`ignite_tbptt.sequences`.
     - ``model_fn(model, x, hidden)`` adapts models with other call signatures; ``hidden`` is ``None`` on
       the first chunk. The hidden state may be any nesting of tuples, lists, dicts and namedtuples.
+    - Under ``ignite.distributed`` with several processes and a plain model, gradients are averaged across
+      processes before every optimizer step; a ``DistributedDataParallel`` model reduces its own.
 
     Args:
         model: the recurrent model: ``model(x)`` then ``model(x, hidden)``, returning ``(y_pred, hidden)``.
-        optimizer: the optimizer, stepped once per chunk.
+        optimizer: the optimizer, stepped once per chunk (or per ``gradient_accumulation_steps`` chunks).
         loss_fn: ``loss_fn(y_pred, y)`` over one chunk, returning a scalar tensor.
         tbtt_step: ``k1``, the number of time steps per chunk and optimizer update.
         dim: the time axis of ``x``, ``y`` and ``y_pred``.
@@ -249,7 +461,16 @@ def create_supervised_tbptt_trainer(
         carry_state: carry the hidden state, and for ``k2 > tbtt_step`` the backprop window, from one batch
             to the next, as if the batches were one long stream. The stream starts afresh at every epoch, when
             the batch size changes (with a warning), and whenever the :func:`reset_state` handler runs. The
-            carried state is ``engine.carried_state``.
+            carried state is ``engine.carried_state`` and is part of ``engine.state_dict()``.
+        deterministic: use Ignite's ``DeterministicEngine``, for exact resumption mid-epoch.
+        amp_mode: ``"amp"`` runs forward and loss under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU).
+        scaler: ``True`` or a ``torch.amp.GradScaler`` to scale the loss (with ``amp_mode="amp"``).
+        gradient_accumulation_steps: chunks whose gradients add up before an optimizer step; each chunk's
+            loss is divided by it, as in Ignite's ``create_supervised_trainer``.
+        clip_grad_norm: clip the gradients' total norm to this value before each step (after the
+            ``GRADIENTS_COMPUTED`` handlers); the norm before clipping is ``engine.state.grad_norm``.
+        hidden_batch_dim: the batch axis of the hidden-state tensors (``-2`` fits ``nn.RNN``/``GRU``/``LSTM``
+            and the cells), used for per-sample resets and padding.
 
     Returns:
         an Ignite ``Engine`` with :class:`Tbptt_Events` registered.
@@ -265,7 +486,8 @@ def create_supervised_tbptt_trainer(
         ...         return self.head(out), hidden
         >>> model = Net()
         >>> trainer = create_supervised_tbptt_trainer(
-        ...     model, torch.optim.Adam(model.parameters()), torch.nn.MSELoss(), tbtt_step=5, k2=10
+        ...     model, torch.optim.Adam(model.parameters()), torch.nn.MSELoss(), tbtt_step=5, k2=10,
+        ...     clip_grad_norm=1.0,
         ... )
         >>> x = torch.randn(50, 4, 1)  # (time, batch, features)
         >>> state = trainer.run([(x, x.roll(1, 0))], max_epochs=2)
@@ -274,11 +496,12 @@ def create_supervised_tbptt_trainer(
     """
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
-        model_fn, output_transform, carry_state,
+        model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
+        hidden_batch_dim,
     )
-    engine = Engine(step)
+    engine = (DeterministicTbpttEngine if deterministic else TbpttEngine)(step)
     register_tbptt_events(engine)
     engine.carried_state = step.carried_state  # type: ignore[attr-defined]
     if carry_state:
-        engine.add_event_handler(Events.EPOCH_STARTED, reset_state)
+        engine.add_event_handler(Events.EPOCH_STARTED, _reset_at_epoch_start)
     return engine

@@ -1,8 +1,9 @@
 """Autograd mechanics of the backprop window: what one TBPTT(k1, k2) update runs forward and backward.
 
-Two classes implement ``SPEC.md``'s two ``overlap`` modes behind one call,
-``window(chunk, later_starts, x_chunk, y_chunk) -> (y_pred, loss)``. The call leaves the chunk's gradient in
-the parameters' ``.grad``; the optimizer step belongs to the caller. Scheduling comes from
+Two classes implement ``SPEC.md``'s two ``overlap`` modes behind two calls:
+``window.forward(chunk, later_starts, x_chunk, gates) -> y_pred`` and ``window.backward(loss)``, which leaves
+the chunk's gradient in the parameters' ``.grad``. The loss (with any masking or scaling) and the optimizer
+step belong to the caller. Scheduling comes from
 :mod:`ignite_tbptt.schedule`.
 
 - :class:`RecomputeWindow` keeps the state at the next window's start and the inputs since then, and re-runs
@@ -17,13 +18,14 @@ With ``k2 == k1`` both reduce to Ignite's trainer: one forward and one backward 
 """
 
 from collections import deque
-from typing import Any, Callable, Deque, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ignite_tbptt.schedule import Chunk, segment_spans
+from ignite_tbptt.sequences import Gate, GateTrack, detached
 
 __all__ = ["default_model_fn", "RecomputeWindow", "RetainWindow"]
 
@@ -84,71 +86,103 @@ class _Inputs:
     def clear(self) -> None:
         self.chunks.clear()
 
+    def state_dict(self) -> List[Tuple[int, int, torch.Tensor]]:
+        return [(a, b, x.clone()) for a, b, x in self.chunks]  # clone: a chunk may view a whole batch
+
+    def load_state_dict(self, saved: List[Tuple[int, int, torch.Tensor]]) -> None:
+        self.chunks = deque((a, b, x) for a, b, x in saved)
+
 
 class RecomputeWindow:
     """``overlap="recompute"``: re-run each window ``(w, t]`` from the stored state at ``w``.
 
     It keeps one state, at the next update's window start as this update's run computed it, and the inputs
-    from there on: memory is bounded by ``k2``.
+    (and sequence gates) from there on: memory is bounded by ``k2``.
 
     Args:
         model: the recurrent model.
-        loss_fn: ``loss_fn(y_pred, y)`` for one chunk.
         model_fn: ``model_fn(model, x, hidden) -> (y_pred, hidden)``.
         detach: cuts a hidden state from its graph (``ignite_tbptt.trainer._detach_hidden``).
         dim: the time axis of inputs and outputs.
+        hidden_batch_dim: the batch axis of the hidden-state tensors, for per-sample resets and padding.
 
     Example:
         >>> import torch
         >>> from ignite_tbptt.schedule import plan_chunks
         >>> model, x = torch.nn.RNN(1, 2), torch.ones(4, 1, 1)
-        >>> window = RecomputeWindow(model, lambda p, y: p.pow(2).mean(), default_model_fn, lambda h: h.detach(), 0)
+        >>> window = RecomputeWindow(model, default_model_fn, lambda h: h.detach(), dim=0)
         >>> first, second = plan_chunks(4, k1=2, k2=3)
-        >>> _ = window(first, [1], x[:2], x[:2])
-        >>> y_pred, loss = window(second, [], x[2:], x[2:])  # re-runs steps (1, 4], scores (2, 4]
+        >>> window.backward(window.forward(first, [1], x[:2], []).sum())
+        >>> y_pred = window.forward(second, [], x[2:], [])  # re-runs steps (1, 4], returns (2, 4]
         >>> tuple(y_pred.shape)
         (2, 1, 2)
     """
 
-    def __init__(self, model: Any, loss_fn: Callable, model_fn: ModelFn, detach: Callable, dim: int) -> None:
-        self.model, self.loss_fn, self.model_fn, self.detach, self.dim = model, loss_fn, model_fn, detach, dim
-        self.inputs = _Inputs(dim)
+    def __init__(self, model: Any, model_fn: ModelFn, detach: Callable, dim: int, hidden_batch_dim: int = -2) -> None:
+        self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
+        self.inputs, self.gates = _Inputs(dim), GateTrack(hidden_batch_dim)
         self.reset()
 
     def reset(self) -> None:
         """Start a fresh stream at position 0: no state, no inputs."""
         self.inputs.clear()
+        self.gates.clear()
         self.state_at, self.hidden = 0, None
 
-    def __call__(
-        self, chunk: Chunk, later_starts: List[int], x: torch.Tensor, y: torch.Tensor
-    ) -> Tuple[Any, torch.Tensor]:
+    def forward(self, chunk: Chunk, later_starts: List[int], x: torch.Tensor, gates: List[Gate]) -> Any:
+        """Run the window of ``chunk`` forward; return the predictions over the chunk."""
         self.inputs.add(chunk.start, chunk.stop, x)
+        self.gates.add(gates)
         # The kept state sits at this window's start: the previous update kept it at the first later window
         # start, and the next chunk always starts where the schedule expected it.
         hidden = None if self.hidden is None else self.detach(self.hidden)
         next_start = later_starts[0] if later_starts else chunk.stop
+        run = lambda x_span, h: call_model(self.model_fn, self.model, x_span, h)  # noqa: E731
         outputs = []
-        for a, b in segment_spans(self.state_at, chunk.stop, (chunk.start, next_start)):
-            y_pred, hidden = call_model(self.model_fn, self.model, self.inputs.over(a, b), hidden)
+        cuts = [chunk.start, next_start, *self.gates.cuts(self.state_at, chunk.stop)]
+        for a, b in segment_spans(self.state_at, chunk.stop, cuts):
+            y_pred, hidden = self.gates.run(run, self.inputs.over(a, b), hidden, a)
             if a >= chunk.start:
                 outputs.append(y_pred)
             if b == next_start:
                 self.state_at, self.hidden = b, hidden  # kept with its graph; detached where a window starts
         self.inputs.drop_before(next_start)
-        y_pred = cat_time(outputs, self.dim)
-        loss = self.loss_fn(y_pred, y)
-        loss.backward()
-        return y_pred, loss
+        self.gates.drop_before(next_start)
+        return cat_time(outputs, self.dim)
+
+    def backward(self, loss: Optional[torch.Tensor]) -> None:
+        """Backpropagate the chunk's (scaled) loss through the window; ``None``: nothing to learn from."""
+        if loss is not None:
+            loss.backward()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The kept state, inputs and gates, cut from any graph: enough to continue the stream exactly."""
+        return {
+            "state_at": self.state_at,
+            "hidden": detached(self.hidden),
+            "inputs": self.inputs.state_dict(),
+            "gates": self.gates.state_dict(),
+        }
+
+    def load_state_dict(self, saved: Dict[str, Any]) -> None:
+        self.state_at, self.hidden = saved["state_at"], saved["hidden"]
+        self.inputs.load_state_dict(saved["inputs"])
+        self.gates.load_state_dict(saved["gates"])
+
+
+Params = Dict[str, torch.Tensor]
 
 
 class _Segment(NamedTuple):
-    """A retained stretch ``(start, stop]`` of the forward pass: its input state leaf and output state."""
+    """A retained stretch ``(start, stop]`` of the forward pass: its input state leaf, output state, inputs,
+    and the parameter clones its forward pass ran under (``None`` when it ran under the live parameters)."""
 
     start: int
     stop: int
     h_in: Optional[Hidden]
     h_out: Hidden
+    x: torch.Tensor
+    params: Optional[Params]
 
 
 def _grad_leaf(hidden: Optional[Hidden], detach: Callable) -> Optional[Hidden]:
@@ -187,6 +221,15 @@ class _ModelFnCall(nn.Module):
         return call_model(self.model_fn, self.model, x, hidden)
 
 
+class _Pending(NamedTuple):
+    """What :meth:`RetainWindow.backward` needs to know about the chunk that just ran forward."""
+
+    window_start: int
+    retain: bool
+    chained: bool
+    keep_from: int
+
+
 class RetainWindow:
     """``overlap="retain"``: run every step once and keep the graphs of the last ``k2`` steps.
 
@@ -201,57 +244,69 @@ class RetainWindow:
         >>> import torch
         >>> from ignite_tbptt.schedule import plan_chunks
         >>> model, x = torch.nn.RNN(1, 2), torch.ones(4, 1, 1)
-        >>> window = RetainWindow(model, lambda p, y: p.pow(2).mean(), default_model_fn, lambda h: h.detach(), 0)
+        >>> window = RetainWindow(model, default_model_fn, lambda h: h.detach(), dim=0)
         >>> first, second = plan_chunks(4, k1=2, k2=3)
-        >>> _ = window(first, [1], x[:2], x[:2])
+        >>> window.backward(window.forward(first, [1], x[:2], []).sum())
         >>> [(s.start, s.stop) for s in window.segments]  # (0, 1] is gone: no later window reaches it
         [(1, 2)]
-        >>> y_pred, loss = window(second, [], x[2:], x[2:])  # backprop through (1, 4], no forward re-run
+        >>> window.backward(window.forward(second, [], x[2:], []).sum())  # through (1, 4], no re-run
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, model_fn: ModelFn, detach: Callable, dim: int) -> None:
+    def __init__(self, model: nn.Module, model_fn: ModelFn, detach: Callable, dim: int, hidden_batch_dim: int = -2) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f'overlap="retain" needs an nn.Module model, got {type(model).__name__}')
-        self.model, self.loss_fn, self.model_fn, self.detach, self.dim = model, loss_fn, model_fn, detach, dim
+        self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
         self.call = _ModelFnCall(model, model_fn)
+        self.gates = GateTrack(hidden_batch_dim)
         self.segments: Deque[_Segment] = deque()
-        self.hidden: Optional[Hidden] = None
+        self.reset()
 
     def reset(self) -> None:
         """Start a fresh stream: no state, no retained graphs."""
         self.segments.clear()
-        self.hidden = None
+        self.gates.clear()
+        self.hidden: Optional[Hidden] = None
+        self.pending: Optional[_Pending] = None
 
-    def __call__(
-        self, chunk: Chunk, later_starts: List[int], x: torch.Tensor, y: torch.Tensor
-    ) -> Tuple[Any, torch.Tensor]:
+    def forward(self, chunk: Chunk, later_starts: List[int], x: torch.Tensor, gates: List[Gate]) -> Any:
+        """Run the chunk forward once, as retained segments; return its predictions."""
+        self.gates.add(gates)
         retain = bool(later_starts)  # a later window reaches into this chunk: its graph must survive the step
         chained = retain or chunk.window_start < chunk.start
-        forward = self._forward_with_clones() if retain else self.call
+        params = self._clones() if retain else None
         outputs = []
-        for a, b in segment_spans(chunk.start, chunk.stop, later_starts):
+        for a, b in segment_spans(chunk.start, chunk.stop, [*later_starts, *self.gates.cuts(chunk.start, chunk.stop)]):
             if chained:
                 h_in = _grad_leaf(self.hidden, self.detach)
             else:
                 h_in = None if self.hidden is None else self.detach(self.hidden)
-            y_pred, self.hidden = forward(x.narrow(self.dim, a - chunk.start, b - a), h_in)
-            self.segments.append(_Segment(a, b, h_in, self.hidden))
+            x_span = x.narrow(self.dim, a - chunk.start, b - a)
+            y_pred, self.hidden = self.gates.run(self._forward(params), x_span, h_in, a)
+            self.segments.append(_Segment(a, b, h_in, self.hidden, x_span, params))
             outputs.append(y_pred)
-        y_pred = cat_time(outputs, self.dim)
-        loss = self.loss_fn(y_pred, y)
-        loss.backward(retain_graph=retain)
-        if chained:
-            self._chain_state_grads(chunk.window_start, retain)
-        keep_from = later_starts[0] if later_starts else chunk.stop
+        self.pending = _Pending(chunk.window_start, retain, chained, later_starts[0] if later_starts else chunk.stop)
+        return cat_time(outputs, self.dim)
+
+    def backward(self, loss: Optional[torch.Tensor]) -> None:
+        """Backpropagate the chunk's (scaled) loss through its window, then forget what no window needs."""
+        window_start, retain, chained, keep_from = self.pending
+        if loss is not None:
+            loss.backward(retain_graph=retain)
+            if chained:
+                self._chain_state_grads(window_start, retain)
         while self.segments and self.segments[0].start < keep_from:
             self.segments.popleft()
-        return y_pred, loss
+        self.gates.drop_before(keep_from)
 
-    def _forward_with_clones(self) -> Callable[[torch.Tensor, Optional[Hidden]], Tuple[Any, Hidden]]:
+    def _clones(self) -> Params:
         # The graph saves the clones, never the parameters, so optimizer.step() may change the parameters
         # in place while the graph lives; CloneBackward routes the gradient into the parameters' .grad.
-        clones = {name: p.clone() for name, p in self.call.named_parameters()}
-        return lambda x, hidden: torch.func.functional_call(self.call, clones, (x, hidden))
+        return {name: p.clone() for name, p in self.call.named_parameters()}
+
+    def _forward(self, params: Optional[Params]) -> Callable[[torch.Tensor, Optional[Hidden]], Tuple[Any, Hidden]]:
+        if params is None:
+            return self.call
+        return lambda x, hidden: torch.func.functional_call(self.call, params, (x, hidden))
 
     def _chain_state_grads(self, window_start: int, retain: bool) -> None:
         """Backpropagate the state gradient from the newest segment down to the window start.
@@ -272,3 +327,35 @@ class RetainWindow:
             torch.autograd.backward(list(outs), list(grads), retain_graph=retain)
         for seg in in_window[:1]:
             _take_state_grad(seg.h_in)  # the window start is held constant: drop what it collected
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The retained segments as inputs, input states and parameter versions (graphs cannot be saved).
+
+        :meth:`load_state_dict` rebuilds the graphs by running each segment again under its own parameter
+        version, so a resumed run backpropagates through exactly what the interrupted one would have.
+        """
+        versions: List[Params] = []
+        index: Dict[int, int] = {}
+        segments = []
+        for seg in self.segments:
+            version = None
+            if seg.params is not None:
+                if id(seg.params) not in index:
+                    index[id(seg.params)] = len(versions)
+                    versions.append(detached(seg.params))
+                version = index[id(seg.params)]
+            segments.append((seg.start, seg.stop, detached(seg.h_in), seg.x.clone(), version))
+        return {"hidden": detached(self.hidden), "segments": segments, "versions": versions, "gates": self.gates.state_dict()}
+
+    def load_state_dict(self, saved: Dict[str, Any]) -> None:
+        self.reset()
+        self.gates.load_state_dict(saved["gates"])
+        live = dict(self.call.named_parameters())
+        # Old values, with the gradient flowing into the live parameters as it would through a clone.
+        versions = [{n: v + (live[n] - live[n].detach()) for n, v in version.items()} for version in saved["versions"]]
+        for start, stop, h_in, x, version in saved["segments"]:
+            params = None if version is None else versions[version]
+            h_in = _grad_leaf(h_in, self.detach)
+            _, h_out = self.gates.run(self._forward(params), x, h_in, start)
+            self.segments.append(_Segment(start, stop, h_in, h_out, x, params))
+        self.hidden = saved["hidden"]

@@ -1,0 +1,245 @@
+"""Sequences inside a batch: which steps of each sample count, and where a sample starts a new sequence.
+
+A batch may carry a third element, a dict of per-sample sequence information, next to ``(x, y)``:
+
+- ``"lengths"``: an integer tensor ``(B,)``: sample ``i`` has ``lengths[i]`` valid steps at the start of the
+  batch, the rest is padding;
+- ``"mask"``: a boolean tensor in the layout of ``x``'s first two axes (``(T, B)`` for ``dim=0``, ``(B, T)``
+  for ``dim=1``): which steps are valid;
+- ``"resets"``: a boolean tensor ``(B,)`` (sample ``i`` starts a new sequence at the batch's first step) or
+  in the layout of the mask (sample ``i`` starts a new sequence at that step: documents concatenated into
+  streams).
+
+What the trainer and the evaluator make of it:
+
+- a reset zeroes sample ``i``'s state before that step and leaves the other samples alone;
+- a padded step adds nothing to the loss or to the gradient, and a sample's state does not change over its
+  padded steps: the model runs over them, and its state for that sample is put back afterwards;
+- a chunk's loss is ``loss_fn(y_pred[valid], y[valid])``: with a mean-reducing loss, the mean over the
+  chunk's valid (step, sample) pairs. A chunk without a valid step makes no update.
+
+Internally the information becomes :class:`Gate` change points at stream positions: the windows cut the
+forward pass there, so that the validity of every sample is constant over each model call. The masks are
+read on the host (keep them on the CPU); a batch without this information costs nothing.
+"""
+
+from typing import Any, List, Mapping, NamedTuple, Optional, Tuple
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = ["Gate", "GateTrack", "SequenceInfo", "parse_sequence_info", "chunk_gates", "masked_pair"]
+
+SEQUENCE_KEYS = ("lengths", "mask", "resets")
+
+
+class Gate(NamedTuple):
+    """What holds from stream position ``position`` on (steps ``position + 1`` and later, to the next gate).
+
+    ``keep``: ``(B,)`` bool, ``False`` where that sample's state is zeroed before step ``position + 1``;
+    ``None`` for no reset. ``valid``: ``(B,)`` bool, which samples' steps count; ``None`` for all.
+    """
+
+    position: int
+    keep: Optional[torch.Tensor]
+    valid: Optional[torch.Tensor]
+
+
+class SequenceInfo(NamedTuple):
+    """A batch's sequence information in time-major layout ``(T, B)``, on the host; ``None`` where absent."""
+
+    valid: Optional[torch.Tensor]
+    resets: Optional[torch.Tensor]
+
+
+def _layout_check(name: str, t: Any, shape: Tuple[int, int], dim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"sequence info {name!r} must be a tensor, got {type(t).__name__}")
+    if t.dtype != torch.bool:
+        raise TypeError(f"sequence info {name!r} must be a bool tensor, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"sequence info {name!r} must have the shape {shape} of x's first two axes, got {tuple(t.shape)}")
+    return t.cpu() if dim == 0 else t.cpu().t()
+
+
+def parse_sequence_info(info: Any, x: torch.Tensor, dim: int) -> SequenceInfo:
+    """Check a batch's sequence information against ``x`` and turn it into time-major host tensors.
+
+    >>> x = torch.zeros(4, 2, 1)  # (time, batch, features)
+    >>> parse_sequence_info({"lengths": torch.tensor([4, 2])}, x, dim=0).valid.int().tolist()
+    [[1, 1], [1, 1], [1, 0], [1, 0]]
+    >>> parse_sequence_info({"length": torch.tensor([4, 2])}, x, dim=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown sequence info keys ['length']; expected some of ('lengths', 'mask', 'resets')
+    """
+    if not isinstance(info, Mapping):
+        raise TypeError(f"the third element of a batch must be a dict of sequence info, got {type(info).__name__}")
+    unknown = sorted(set(info) - set(SEQUENCE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown sequence info keys {unknown}; expected some of {SEQUENCE_KEYS}")
+    if dim not in (0, 1) or x.dim() < 2:
+        raise ValueError(f"sequence info needs x with a batch axis and the time axis dim=0 or 1, got dim={dim}")
+    shape = tuple(x.shape[:2])
+    length, batch = (shape[0], shape[1]) if dim == 0 else (shape[1], shape[0])
+    if "mask" in info and "lengths" in info:
+        raise ValueError("give either 'mask' or 'lengths' in the sequence info, not both")
+    valid = None
+    if info.get("mask") is not None:
+        valid = _layout_check("mask", info["mask"], shape, dim)
+    elif info.get("lengths") is not None:
+        lengths = info["lengths"]
+        if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.shape != (batch,):
+            raise ValueError(f"sequence info 'lengths' must be an integer tensor of shape ({batch},)")
+        lengths = lengths.cpu()
+        if bool((lengths < 0).any()) or bool((lengths > length).any()):
+            raise ValueError(f"sequence info 'lengths' must lie in [0, {length}], got {lengths.tolist()}")
+        valid = torch.arange(length).unsqueeze(1) < lengths.unsqueeze(0)
+    resets = info.get("resets")
+    if resets is not None:
+        if isinstance(resets, torch.Tensor) and resets.shape == (batch,) and resets.dtype == torch.bool:
+            resets = torch.cat([resets.cpu().unsqueeze(0), torch.zeros(length - 1, batch, dtype=torch.bool)])
+        else:
+            resets = _layout_check("resets", resets, shape, dim)
+    return SequenceInfo(valid, resets)
+
+
+def chunk_gates(info: SequenceInfo, rows: slice, start: int, device: Any) -> List[Gate]:
+    """The change points of the steps ``rows`` of a batch, which start at stream position ``start``.
+
+    The first gate sits at ``start`` and restates the validity in force, so that a chunk never inherits the
+    previous one's.
+
+    >>> info = SequenceInfo(valid=torch.tensor([[1, 1], [1, 0], [1, 0]]).bool(), resets=None)
+    >>> [(g.position, g.valid.tolist() if g.valid is not None else None) for g in chunk_gates(info, slice(0, 3), 6, "cpu")]
+    [(6, None), (7, [True, False])]
+    """
+    valid = None if info.valid is None else info.valid[rows]
+    resets = None if info.resets is None else info.resets[rows]
+    steps = (valid if valid is not None else resets).shape[0]
+    change = torch.zeros(steps, dtype=torch.bool)
+    change[0] = True
+    if valid is not None:
+        change[1:] |= (valid[1:] != valid[:-1]).any(1)
+    if resets is not None:
+        change |= resets.any(1)
+    gates = []
+    for j in change.nonzero().flatten().tolist():
+        keep = None if resets is None or not bool(resets[j].any()) else (~resets[j]).to(device)
+        ok = None if valid is None or bool(valid[j].all()) else valid[j].to(device)
+        gates.append(Gate(start + j, keep, ok))
+    return gates
+
+
+def masked_pair(y_pred: Any, y: torch.Tensor, valid: Optional[torch.Tensor]) -> Tuple[Any, torch.Tensor]:
+    """``(y_pred, y)`` restricted to the valid (step, sample) pairs, flattened to ``(N, ...)``.
+
+    ``valid`` is in the layout of ``y``'s first two axes; ``None`` keeps everything as it is.
+    """
+    if valid is None:
+        return y_pred, y
+    if not isinstance(y_pred, torch.Tensor):
+        raise TypeError(f"with a mask or lengths, y_pred must be a tensor, got {type(y_pred).__name__}")
+    return y_pred[valid], y[valid]
+
+
+def _batch_vector(v: torch.Tensor, like: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    """``v`` of shape ``(B,)`` shaped to broadcast along ``like``'s axis ``batch_dim``."""
+    if like.dim() == 0 or not -like.dim() <= batch_dim < like.dim() or like.shape[batch_dim] != v.shape[0]:
+        raise ValueError(
+            f"a hidden-state tensor of shape {tuple(like.shape)} has no batch axis of size {v.shape[0]} at "
+            f"hidden_batch_dim={batch_dim}; pass the axis of the batch in the hidden state as hidden_batch_dim"
+        )
+    shape = [1] * like.dim()
+    shape[batch_dim] = v.shape[0]
+    return v.to(like.device).view(shape)
+
+
+def apply_reset(hidden: Any, keep: torch.Tensor, batch_dim: int) -> Any:
+    """Zero the state of the samples where ``keep`` is ``False`` (differentiably: no gradient flows past it)."""
+
+    def zero(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        return t * _batch_vector(keep, t, batch_dim).to(t.dtype)
+
+    return tree_map(lambda t: zero(t) if isinstance(t, torch.Tensor) else t, hidden)
+
+
+def hold_invalid(old: Any, new: Any, valid: torch.Tensor, batch_dim: int) -> Any:
+    """``new`` for the valid samples, ``old`` (zeros if ``None``) for the others: padding leaves state alone."""
+    if old is None:
+        old = tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t, new)
+    new_leaves, spec = tree_flatten(new)
+    old_leaves = tree_flatten(old)[0]
+    if len(old_leaves) != len(new_leaves):
+        raise ValueError("the model returned a hidden state of another structure than the one it was given")
+    out = [
+        torch.where(_batch_vector(valid, n, batch_dim), n, o) if isinstance(n, torch.Tensor) else n
+        for o, n in zip(old_leaves, new_leaves)
+    ]
+    return tree_unflatten(out, spec)
+
+
+class GateTrack:
+    """The gates of the stretch of stream a window may still run over, in position order.
+
+    Only real change points are kept: a chunk without sequence information adds nothing after another, so the
+    default path never cuts the forward pass.
+    """
+
+    def __init__(self, batch_dim: int) -> None:
+        self.batch_dim = batch_dim
+        self.gates: List[Gate] = []
+
+    def clear(self) -> None:
+        self.gates.clear()
+
+    def add(self, gates: List[Gate]) -> None:
+        for gate in gates:
+            trivial = gate.keep is None and gate.valid is None
+            if trivial and (not self.gates or self.gates[-1].valid is None):
+                continue
+            self.gates.append(gate)
+
+    def cuts(self, start: int, stop: int) -> List[int]:
+        """Positions strictly inside ``(start, stop)`` where the forward pass must be cut."""
+        return [g.position for g in self.gates if start < g.position < stop]
+
+    def at(self, position: int) -> Optional[Gate]:
+        """The gate in force at ``position``, or ``None`` when nothing applies."""
+        for gate in reversed(self.gates):
+            if gate.position <= position:
+                return gate
+        return None
+
+    def drop_before(self, position: int) -> None:
+        """Forget gates no run from ``position`` on can need (keeping the one in force there)."""
+        while len(self.gates) > 1 and self.gates[1].position <= position:
+            self.gates.pop(0)
+        if self.gates and self.gates[0].keep is None and self.gates[0].valid is None:
+            self.gates.pop(0)  # in force but without effect: the same as no gate
+
+    def run(self, forward: Any, x: torch.Tensor, hidden: Any, start: int) -> Tuple[Any, Any]:
+        """``forward(x, hidden)`` over a span starting at ``start`` with constant validity: resets, then holds."""
+        gate = self.at(start)
+        if gate is None:
+            return forward(x, hidden)
+        if gate.keep is not None and gate.position == start and hidden is not None:
+            hidden = apply_reset(hidden, gate.keep, self.batch_dim)
+        y_pred, new = forward(x, hidden)
+        if gate.valid is not None:
+            new = hold_invalid(hidden, new, gate.valid, self.batch_dim)
+        return y_pred, new
+
+    def state_dict(self) -> List[Tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        return [tuple(g) for g in self.gates]
+
+    def load_state_dict(self, saved: List[Tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]]) -> None:
+        self.gates = [Gate(*g) for g in saved]
+
+
+def detached(value: Any) -> Any:
+    """``value`` (any nesting of tensors) with every tensor cut from its graph, for saving."""
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, value)
+
