@@ -275,15 +275,14 @@ class RetainWindow:
         chained = retain or chunk.window_start < chunk.start
         params = self._clones() if retain else None
         outputs = []
-        for a, b in segment_spans(chunk.start, chunk.stop, [*later_starts, *self.gates.cuts(chunk.start, chunk.stop)]):
+        for a, b in segment_spans(chunk.start, chunk.stop, later_starts):
             if chained:
                 h_in = _grad_leaf(self.hidden, self.detach)
             else:
                 h_in = None if self.hidden is None else self.detach(self.hidden)
-            x_span = x.narrow(self.dim, a - chunk.start, b - a)
-            y_pred, self.hidden = self.gates.run(self._forward(params), x_span, h_in, a)
-            self.segments.append(_Segment(a, b, h_in, self.hidden, x_span, params))
-            outputs.append(y_pred)
+            segment = self._run_segment(a, b, x.narrow(self.dim, a - chunk.start, b - a), h_in, params, outputs)
+            self.segments.append(segment)
+            self.hidden = segment.h_out
         self.pending = _Pending(chunk.window_start, retain, chained, later_starts[0] if later_starts else chunk.stop)
         return cat_time(outputs, self.dim)
 
@@ -297,6 +296,16 @@ class RetainWindow:
         while self.segments and self.segments[0].start < keep_from:
             self.segments.popleft()
         self.gates.drop_before(keep_from)
+
+    def _run_segment(
+        self, a: int, b: int, x: torch.Tensor, h_in: Optional[Hidden], params: Optional[Params], outputs: List[Any]
+    ) -> _Segment:
+        """Run ``(a, b]`` from ``h_in`` (cut further only where a sequence gate changes), collecting outputs."""
+        forward, hidden = self._forward(params), h_in
+        for c, d in segment_spans(a, b, self.gates.cuts(a, b)):
+            y_pred, hidden = self.gates.run(forward, x.narrow(self.dim, c - a, d - c), hidden, c)
+            outputs.append(y_pred)
+        return _Segment(a, b, h_in, hidden, x, params)
 
     def _clones(self) -> Params:
         # The graph saves the clones, never the parameters, so optimizer.step() may change the parameters
@@ -355,7 +364,5 @@ class RetainWindow:
         versions = [{n: v + (live[n] - live[n].detach()) for n, v in version.items()} for version in saved["versions"]]
         for start, stop, h_in, x, version in saved["segments"]:
             params = None if version is None else versions[version]
-            h_in = _grad_leaf(h_in, self.detach)
-            _, h_out = self.gates.run(self._forward(params), x, h_in, start)
-            self.segments.append(_Segment(start, stop, h_in, h_out, x, params))
+            self.segments.append(self._run_segment(start, stop, x, _grad_leaf(h_in, self.detach), params, []))
         self.hidden = saved["hidden"]

@@ -15,8 +15,41 @@ def _step(model, theta, x_t, hidden):
     return functional_call(model, theta, args)
 
 
-def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0):
-    """Parameters after every SGD update of TBPTT(k1, k2) over one sequence, as a list of dicts."""
+def _zip_map(fn, *hiddens):
+    """Apply ``fn`` to the matching tensors of hidden states of one structure (tensor, dict or sequence)."""
+    first = hiddens[0]
+    if isinstance(first, torch.Tensor):
+        return fn(*hiddens)
+    if isinstance(first, dict):
+        return {k: _zip_map(fn, *(h[k] for h in hiddens)) for k in first}
+    mapped = [_zip_map(fn, *parts) for parts in zip(*hiddens)]
+    return type(first)(*mapped) if hasattr(first, "_fields") else type(first)(mapped)
+
+
+def _by_sample(choose):
+    """A tensor function that rebuilds its result sample by sample along the batch axis -2."""
+    return lambda *ts: torch.stack([choose(b, *parts) for b, parts in enumerate(zip(*(t.unbind(-2) for t in ts)))], -2)
+
+
+def _gated_step(model, theta, x_t, hidden, keep, valid):
+    """One step with per-sample resets (``keep[b]`` False: zero sample b first) and padding (``valid[b]``)."""
+    if keep is not None and hidden is not None:
+        hidden = _zip_map(_by_sample(lambda b, h: h if keep[b] else torch.zeros_like(h)), hidden)
+    y_t, new = _step(model, theta, x_t, hidden)
+    if valid is not None:
+        old = hidden if hidden is not None else _zip_map(torch.zeros_like, new)
+        new = _zip_map(_by_sample(lambda b, n, o: n if valid[b] else o), new, old)
+    return y_t, new
+
+
+def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid=None, resets=None):
+    """Parameters after every SGD update of TBPTT(k1, k2) over one sequence, as a list of dicts.
+
+    ``valid`` and ``resets`` (time-major ``(T, B)`` bools, ``dim=0`` only) mark padded steps and the steps
+    before which a sample's state is zeroed; a chunk's loss is ``loss_fn`` over its valid (step, sample) pairs.
+    """
+    keeps = [None] * x.shape[dim] if resets is None else [~r if r.any() else None for r in resets]
+    valids = [None] * x.shape[dim] if valid is None else list(valid)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     T, o = x.shape[dim], k2 - k1
     step_x = [x.narrow(dim, i, 1) for i in range(T)]
@@ -29,7 +62,7 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0):
             hidden = states[s]
             for i in range(s, t):
                 versions[i] = {n: v.clone() for n, v in params.items()}
-                _, hidden = _step(model, versions[i], step_x[i], hidden)
+                _, hidden = _gated_step(model, versions[i], step_x[i], hidden, keeps[i], valids[i])
                 states[i + 1] = _detach_hidden(hidden)
             thetas = [{n: v.clone().requires_grad_() for n, v in versions[i].items()} for i in range(w, t)]
         else:
@@ -37,12 +70,18 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0):
             thetas = [current] * (t - w)
         hidden, outputs = states[w], []
         for i in range(w, t):
-            y_pred, hidden = _step(model, thetas[i - w], step_x[i], hidden)
+            y_pred, hidden = _gated_step(model, thetas[i - w], step_x[i], hidden, keeps[i], valids[i])
             if overlap != "retain":
                 states[i + 1] = _detach_hidden(hidden)
             if i >= s:
                 outputs.append(y_pred)
-        loss = loss_fn(torch.cat(outputs, dim), y.narrow(dim, s, t - s))
+        y_pred, y_c = torch.cat(outputs, dim), y.narrow(dim, s, t - s)
+        if valid is not None:
+            if not valid[s:t].any():
+                trajectory.append(params)  # nothing valid in the chunk: no update
+                continue
+            y_pred, y_c = y_pred[valid[s:t]], y_c[valid[s:t]]
+        loss = loss_fn(y_pred, y_c)
         unique = list({id(th): th for th in thetas}.values())
         leaves = [th[n] for th in unique for n in params]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
