@@ -1,8 +1,10 @@
 """The chunk-level events of the TBPTT engines, with a counter so that event filters work on them."""
 
+from typing import Any
+
 from ignite.engine import Engine, EventEnum, Events
 
-__all__ = ["Tbptt_Events", "TIME_ITERATION_ATTR", "register_tbptt_events"]
+__all__ = ["Tbptt_Events", "TIME_ITERATION_ATTR", "register_tbptt_events", "start_chunk"]
 
 #: The ``engine.state`` attribute that counts chunks over the run, like ``iteration`` counts batches.
 TIME_ITERATION_ATTR = "time_iteration"
@@ -41,3 +43,14 @@ def register_tbptt_events(engine: Engine) -> None:
             setattr(engine.state, TIME_ITERATION_ATTR, 0)
 
     engine.add_event_handler(Events.STARTED, reset_counter)
+
+
+def start_chunk(engine: Engine, chunk: Any, num_chunks: int, weight: int) -> None:
+    """Count a chunk, expose it on ``engine.state`` and fire ``TIME_ITERATION_STARTED``.
+
+    During the chunk's events ``state.chunk`` is the :class:`~ignite_tbptt.schedule.Chunk`, ``state.num_chunks``
+    the number of chunks in the batch and ``state.chunk_weight`` the number of (step, sample) pairs scored.
+    """
+    setattr(engine.state, TIME_ITERATION_ATTR, getattr(engine.state, TIME_ITERATION_ATTR) + 1)
+    engine.state.chunk, engine.state.num_chunks, engine.state.chunk_weight = chunk, num_chunks, weight
+    engine.fire_event(Tbptt_Events.TIME_ITERATION_STARTED)

@@ -17,7 +17,6 @@ that attribute), and with ``global_step_transform=global_step_from_engine(traine
 """
 
 import time
-from numbers import Number
 from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
 
 import torch
@@ -50,7 +49,8 @@ Weight = Union[int, float, torch.Tensor]
 
 # Ignite's built-in usages by name; each one updates at ``ITERATION_COMPLETED``, once per batch.
 _IGNITE_USAGES: Dict[str, Type[MetricUsage]] = {
-    cls.usage_name: cls for cls in (EpochWise, RunningEpochWise, BatchWise, RunningBatchWise, SingleEpochRunningBatchWise)
+    cls.usage_name: cls
+    for cls in (EpochWise, RunningEpochWise, BatchWise, RunningBatchWise, SingleEpochRunningBatchWise)
 }
 
 
@@ -146,7 +146,7 @@ class ChunkWise(MetricUsage):
         else:
             started = Tbptt_Events.TIME_ITERATION_STARTED(event_filter=_starts_block_of(every))
             completed = Tbptt_Events.TIME_ITERATION_COMPLETED(every=every)
-        super().__init__(started=started, completed=completed, iteration_completed=Tbptt_Events.TIME_ITERATION_COMPLETED)
+        super().__init__(started, completed, iteration_completed=Tbptt_Events.TIME_ITERATION_COMPLETED)
         self.every = every
 
 
@@ -298,7 +298,8 @@ class TbpttLoss(Metric):
 
     def __init__(self, output_transform: Callable = _identity, device: Optional[Union[str, torch.device]] = None):
         self._follows_loss = device is None
-        super().__init__(output_transform, device=torch.device("cpu") if device is None else device, skip_unrolling=True)
+        device = torch.device("cpu") if device is None else device
+        super().__init__(output_transform, device=device, skip_unrolling=True)
 
     @reinit__is_reduced
     def reset(self) -> None:
@@ -320,7 +321,9 @@ class TbpttLoss(Metric):
     def update(self, output: Tuple[Any, Weight]) -> None:
         """Add one chunk: ``output`` is ``(loss, weight)``."""
         loss, weight = output
-        loss = self._on_loss_device(loss if isinstance(loss, torch.Tensor) else torch.as_tensor(loss, device=self._device))
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.as_tensor(loss, device=self._device)
+        loss = self._on_loss_device(loss)
         self._sum += weighted_loss(loss, weight, self._double_dtype)
         self._weight += weight.to(self._device) if isinstance(weight, torch.Tensor) else weight
         self._num_chunks += 1
@@ -414,12 +417,13 @@ class ChunkProgressBar:
         >>> model = torch.nn.RNN(1, 1)
         >>> trainer = create_supervised_tbptt_trainer(
         ...     model, torch.optim.SGD(model.parameters(), 0.1), torch.nn.MSELoss(), tbtt_step=4)
-        >>> out = io.StringIO()
-        >>> ChunkProgressBar(persist=True, file=out, mininterval=0).attach(trainer, every=2)
-        >>> x = torch.randn(10, 3, 1)
+        >>> out = io.StringIO()                            # default: the terminal, or a notebook widget
+        >>> bar = ChunkProgressBar(persist=True, file=out, bar_format="{desc}: {n_fmt}/{total_fmt} chunks")
+        >>> bar.attach(trainer, every=2)
+        >>> x = torch.randn(10, 3, 1)                      # 3 chunks per batch
         >>> state = trainer.run([(x, x)] * 2, max_epochs=1)
-        >>> out.getvalue().rstrip().split("\\r")[-1].split("|")[-1].split("[")[0]
-        ' 6/6 '
+        >>> print(out.getvalue().split("\\r")[-1].strip())
+        Epoch: 6/6 chunks
     """
 
     def __init__(self, persist: bool = False, desc: str = "Epoch", **tqdm_kwargs: Any) -> None:
@@ -450,6 +454,10 @@ class ChunkProgressBar:
         engine.add_event_handler(Events.TERMINATE, self._finish)
         engine.add_event_handler(Events.COMPLETED, self._finish)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+
+    def log_message(self, message: str) -> None:
+        """Print ``message`` above the bar without breaking it (``print`` would split the bar's line)."""
+        self._tqdm.write(message, file=self.tqdm_kwargs.get("file"))
 
     def close(self) -> None:
         """Close the bar as it stands (idempotent)."""
@@ -525,7 +533,8 @@ class ChunkProgressBar:
         if self.bar is None:
             return
         _set_total(self.bar, self._chunks)
-        self._draw(engine)
+        if self._chunks > self.bar.n:  # else the last frame is current; closing redraws it with the total
+            self._draw(engine)
         self.close()
 
     def _on_exception(self, engine: Engine, e: BaseException) -> None:

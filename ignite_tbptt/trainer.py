@@ -7,7 +7,7 @@ The data flows one way: batch -> chunks (:mod:`ignite_tbptt.schedule`) -> window
 import contextlib
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import ignite.distributed as idist
 import torch
@@ -15,7 +15,7 @@ from ignite.engine import DeterministicEngine, Engine, Events, _prepare_batch
 from ignite.utils import apply_to_tensor
 from torch import nn
 
-from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, register_tbptt_events
+from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, register_tbptt_events, start_chunk
 from ignite_tbptt.schedule import Chunk, check_steps, later_window_starts, plan_chunks
 from ignite_tbptt.sequences import Gate, SequenceInfo, chunk_gates, masked_pair, parse_sequence_info
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn
@@ -84,6 +84,17 @@ def split_batch(batch: Any, dim: int) -> Tuple[torch.Tensor, torch.Tensor, Optio
         raise ValueError(f"x and y have no time steps along dim={dim}")
     info = parse_sequence_info(batch[2], x, dim) if len(batch) == 3 else None
     return x, y, info, x.shape[dim]
+
+
+def batch_chunks(
+    chunks: List[Chunk], x: torch.Tensor, y: torch.Tensor, offset: int, length: int, k1: int, k2: int, dim: int,
+    carry: bool,
+) -> Iterator[Tuple[Chunk, List[int], slice, torch.Tensor, torch.Tensor]]:
+    """Each chunk of a batch with its later window starts, its rows in the batch and its slices of ``x``, ``y``."""
+    for chunk in chunks:
+        later = later_window_starts(chunk, offset + length, k1, k2, stream=carry)
+        rows = slice(chunk.start - offset, chunk.stop - offset)
+        yield chunk, later, rows, x.narrow(dim, rows.start, chunk.length), y.narrow(dim, rows.start, chunk.length)
 
 
 def chunk_sequence(
@@ -355,10 +366,8 @@ def supervised_tbptt_training_step(
     ) -> Tuple[Any, torch.Tensor, int]:
         x_t, y_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)
         gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
-        count = getattr(engine.state, TIME_ITERATION_ATTR) + 1
-        setattr(engine.state, TIME_ITERATION_ATTR, count)
-        engine.state.chunk, engine.state.num_chunks, engine.state.chunk_weight = chunk, num_chunks, weight
-        engine.fire_event(Tbptt_Events.TIME_ITERATION_STARTED)
+        start_chunk(engine, chunk, num_chunks, weight)
+        count = getattr(engine.state, TIME_ITERATION_ATTR)
         model.train()
         if (count - 1) % accumulate == 0:
             optimizer.zero_grad()
@@ -377,10 +386,7 @@ def supervised_tbptt_training_step(
         offset = stream.begin_batch(x, dim)
         chunks = plan_chunks(length, tbtt_step, k2, offset)
         total, total_weight, predictions = 0, 0, []
-        for chunk in chunks:
-            later = later_window_starts(chunk, offset + length, tbtt_step, k2, stream=stream.carry)
-            rows = slice(chunk.start - offset, chunk.stop - offset)
-            x_c, y_c = (t.narrow(dim, rows.start, chunk.length) for t in (x, y))
+        for chunk, later, rows, x_c, y_c in batch_chunks(chunks, x, y, offset, length, tbtt_step, k2, dim, stream.carry):
             y_pred, loss, weight = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows)
             total, total_weight = total + loss * weight, total_weight + weight
             if keep_predictions:

@@ -1,0 +1,152 @@
+"""The chunked evaluator: long sequences run chunk by chunk under ``torch.no_grad()``, updating Ignite metrics.
+
+It shares the trainer's batch format (``(x, y)`` or ``(x, y, sequence_info)``), model protocol, chunk events
+and carried state, so a stream is evaluated the way it is trained, with memory bounded by one chunk.
+"""
+
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+from ignite.engine import Engine, Events, _prepare_batch
+from ignite.metrics import Metric
+from torch import nn
+
+from ignite_tbptt import trainer
+from ignite_tbptt.events import Tbptt_Events, register_tbptt_events, start_chunk
+from ignite_tbptt.handlers import ChunkedEpochWise
+from ignite_tbptt.schedule import check_steps, plan_chunks
+from ignite_tbptt.sequences import masked_pair
+from ignite_tbptt.trainer import (
+    CarriedState,
+    TbpttEngine,
+    _amp_context,
+    _device_type,
+    _reset_at_epoch_start,
+    batch_chunks,
+    chunk_sequence,
+    split_batch,
+)
+from ignite_tbptt.window import RecomputeWindow, default_model_fn
+
+__all__ = ["create_supervised_tbptt_evaluator", "supervised_tbptt_evaluation_step"]
+
+
+def _default_eval_output_transform(x: Any, y: Any, y_pred: Any) -> Any:
+    return y_pred, y
+
+
+def supervised_tbptt_evaluation_step(
+    model: nn.Module,
+    tbtt_step: int,
+    dim: int = 0,
+    device: Optional[Union[str, torch.device]] = None,
+    non_blocking: bool = False,
+    prepare_batch: Callable = _prepare_batch,
+    model_fn: Callable = default_model_fn,
+    output_transform: Callable = _default_eval_output_transform,
+    carry_state: bool = False,
+    amp_mode: Optional[str] = None,
+    hidden_batch_dim: int = -2,
+) -> Callable[[Engine, Any], Any]:
+    """The process function of :func:`create_supervised_tbptt_evaluator`; see it for the arguments.
+
+    Example:
+        >>> model = torch.nn.GRU(1, 4)
+        >>> evaluator = Engine(supervised_tbptt_evaluation_step(model, tbtt_step=10))
+    """
+    check_steps(tbtt_step, tbtt_step)
+    autocast = _amp_context(amp_mode, _device_type(device, model))
+    window = RecomputeWindow(model, model_fn, lambda hidden: trainer._detach_hidden(hidden), dim, hidden_batch_dim)
+    stream = CarriedState(window, carry_state)
+
+    def evaluate(engine: Engine, batch: Any) -> Any:
+        x, y, info, length = split_batch(batch, dim)
+        offset = stream.begin_batch(x, dim)
+        chunks = plan_chunks(length, tbtt_step, tbtt_step, offset)
+        model.eval()
+        with torch.no_grad():
+            for chunk, later, rows, x_c, y_c in batch_chunks(chunks, x, y, offset, length, tbtt_step, tbtt_step, dim, False):
+                x_t, y_t = prepare_batch((x_c, y_c), device=device, non_blocking=non_blocking)
+                gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
+                start_chunk(engine, chunk, len(chunks), weight)
+                with autocast():
+                    y_pred = window.forward(chunk, later, x_t, gates)
+                y_pred, y_t = masked_pair(y_pred, y_t, valid)
+                engine.state.output = output_transform(x_t, y_t, y_pred)
+                engine.fire_event(Tbptt_Events.TIME_ITERATION_COMPLETED)
+        stream.end_batch(length)
+        return engine.state.output
+
+    evaluate.carried_state = stream  # type: ignore[attr-defined]
+    return evaluate
+
+
+def create_supervised_tbptt_evaluator(
+    model: nn.Module,
+    metrics: Optional[Dict[str, Metric]] = None,
+    tbtt_step: int = 100,
+    dim: int = 0,
+    device: Optional[Union[str, torch.device]] = None,
+    non_blocking: bool = False,
+    prepare_batch: Callable = _prepare_batch,
+    model_fn: Callable = default_model_fn,
+    output_transform: Callable = _default_eval_output_transform,
+    carry_state: bool = False,
+    amp_mode: Optional[str] = None,
+    hidden_batch_dim: int = -2,
+) -> Engine:
+    """Create an evaluator that runs long sequences chunk by chunk, carrying the state, under ``no_grad``.
+
+    Each batch is cut into chunks of ``tbtt_step`` steps along ``dim``; the model runs each chunk from the
+    state the previous chunk left (``model(x)`` first, then ``model(x, hidden)``), so the predictions are
+    those of one pass over the whole sequence while memory holds one chunk's activations. After every chunk,
+    ``engine.state.output = output_transform(x, y, y_pred)`` for that chunk and ``TIME_ITERATION_COMPLETED``
+    fires; ``metrics`` are updated there (with :class:`~ignite_tbptt.handlers.ChunkedEpochWise`), so they
+    equal those of a whole-sequence pass. With padded batches (``"lengths"`` or ``"mask"`` in a third batch
+    element) ``y_pred`` and ``y`` hold the valid steps only, flattened to ``(N, ...)``; per-sample
+    ``"resets"`` zero a sample's state as in training.
+
+    Args:
+        model: the recurrent model, ``(y_pred, hidden)`` protocol as for the trainer.
+        metrics: Ignite metrics by name, updated after every chunk and computed at the end of the run.
+        tbtt_step: the chunk length: the most time steps whose activations live at once.
+        dim: the time axis of ``x``, ``y`` and ``y_pred``.
+        device, non_blocking, prepare_batch: as for Ignite's ``create_supervised_evaluator``, per chunk.
+        model_fn: ``model_fn(model, x, hidden) -> (y_pred, hidden)``.
+        output_transform: ``output_transform(x, y, y_pred)`` per chunk; the metrics see its result.
+        carry_state: carry the state from one batch to the next (a stream in pieces); it starts afresh at
+            every run, when the batch size changes (with a warning) and whenever ``reset_state`` runs.
+        amp_mode: ``"amp"`` runs the model under ``torch.autocast``.
+        hidden_batch_dim: the batch axis of the hidden-state tensors, for resets and padding.
+
+    Returns:
+        an Ignite ``Engine`` with :class:`Tbptt_Events` registered and ``metrics`` attached.
+
+    Example:
+        >>> from ignite.metrics import MeanSquaredError
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.rnn, self.head = torch.nn.GRU(1, 8), torch.nn.Linear(8, 1)
+        ...     def forward(self, x, hidden=None):
+        ...         out, hidden = self.rnn(x, hidden)
+        ...         return self.head(out), hidden
+        >>> evaluator = create_supervised_tbptt_evaluator(
+        ...     Net(), metrics={"mse": MeanSquaredError()}, tbtt_step=50,
+        ...     output_transform=lambda x, y, y_pred: (y_pred.flatten(0, 1), y.flatten(0, 1)),
+        ... )
+        >>> x = torch.randn(1000, 4, 1)  # 1,000 steps in 20 chunks
+        >>> mse = evaluator.run([(x, x.roll(1, 0))]).metrics["mse"]
+    """
+    step = supervised_tbptt_evaluation_step(
+        model, tbtt_step, dim, device, non_blocking, prepare_batch, model_fn, output_transform, carry_state,
+        amp_mode, hidden_batch_dim,
+    )
+    engine = TbpttEngine(step)
+    register_tbptt_events(engine)
+    engine.carried_state = step.carried_state  # type: ignore[attr-defined]
+    if carry_state:
+        engine.add_event_handler(Events.EPOCH_STARTED, _reset_at_epoch_start)
+    for name, metric in (metrics or {}).items():
+        metric.attach(engine, name, usage=ChunkedEpochWise())
+    return engine
