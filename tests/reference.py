@@ -42,11 +42,12 @@ def _gated_step(model, theta, x_t, hidden, keep, valid):
     return y_t, new
 
 
-def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid=None, resets=None):
+def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid=None, resets=None, accumulate=1):
     """Parameters after every SGD update of TBPTT(k1, k2) over one sequence, as a list of dicts.
 
     ``valid`` and ``resets`` (time-major ``(T, B)`` bools, ``dim=0`` only) mark padded steps and the steps
     before which a sample's state is zeroed; a chunk's loss is ``loss_fn`` over its valid (step, sample) pairs.
+    With ``accumulate = N`` the parameters change after every N-th chunk, by the mean of the N chunks' gradients.
     """
     keeps = [None] * x.shape[dim] if resets is None else [~r if r.any() else None for r in resets]
     valids = [None] * x.shape[dim] if valid is None else list(valid)
@@ -56,7 +57,8 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid
     states = {0: None}  # states[t]: the state after step t, as the latest run computed it
     versions = {}  # versions[t]: the parameters the single forward pass used at step t ("retain")
     trajectory = []
-    for s in range(0, T, k1):
+    pending = {n: torch.zeros_like(v) for n, v in params.items()}
+    for c, s in enumerate(range(0, T, k1)):
         t, w = min(s + k1, T), max(0, s - o)
         if overlap == "retain":
             hidden = states[s]
@@ -85,10 +87,11 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid
         unique = list({id(th): th for th in thetas}.values())
         leaves = [th[n] for th in unique for n in params]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        total = {n: torch.zeros_like(v) for n, v in params.items()}
         for (n, g) in zip([n for _ in unique for n in params], grads):
             if g is not None:
-                total[n] += g
-        params = {n: params[n] - lr * total[n] for n in params}
+                pending[n] += g / accumulate
+        if (c + 1) % accumulate == 0:
+            params = {n: params[n] - lr * pending[n] for n in params}
+            pending = {n: torch.zeros_like(v) for n, v in params.items()}
         trajectory.append(params)
     return trajectory
