@@ -15,7 +15,7 @@ Example:
 
 from typing import Iterable, List, NamedTuple, Tuple
 
-__all__ = ["Chunk", "check_steps", "plan_chunks", "later_window_starts", "segment_spans"]
+__all__ = ["Chunk", "check_steps", "checkpoint_cuts", "plan_chunks", "later_window_starts", "segment_spans"]
 
 
 class Chunk(NamedTuple):
@@ -101,3 +101,17 @@ def segment_spans(start: int, stop: int, cuts: Iterable[int]) -> List[Tuple[int,
     inner = sorted({c for c in cuts if start < c < stop})
     bounds = [start, *inner, stop]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def checkpoint_cuts(start: int, stop: int, every: int) -> List[int]:
+    """Stream positions strictly inside ``(start, stop)`` that are multiples of ``every`` (``0``: none).
+
+    Cutting a window there gives activation-checkpointed segments of at most ``every`` steps on a fixed grid,
+    so a re-run of the same steps cuts them the same way.
+
+    >>> checkpoint_cuts(3, 14, every=4)
+    [4, 8, 12]
+    """
+    if not every:
+        return []
+    return list(range((start // every + 1) * every, stop, every))

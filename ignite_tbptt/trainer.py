@@ -288,6 +288,7 @@ def supervised_tbptt_training_step(
     gradient_accumulation_steps: int = 1,
     clip_grad_norm: Optional[float] = None,
     hidden_batch_dim: int = -2,
+    checkpoint_every: Optional[int] = None,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
 
@@ -316,6 +317,8 @@ def supervised_tbptt_training_step(
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     _check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+    if checkpoint_every is not None:
+        _check_positive_int("checkpoint_every", checkpoint_every)
     if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
     if _is_ddp(model) and overlap == "retain" and k2 > tbtt_step:
@@ -329,7 +332,8 @@ def supervised_tbptt_training_step(
     grad_scaler = _grad_scaler(scaler, amp_mode, device_type)
     accumulate = gradient_accumulation_steps
     # Looked up at call time so that a test can patch the module-level _detach_hidden.
-    window = OVERLAP_MODES[overlap](model, model_fn, lambda hidden: _detach_hidden(hidden), dim, hidden_batch_dim)
+    detach = lambda hidden: _detach_hidden(hidden)  # noqa: E731
+    window = OVERLAP_MODES[overlap](model, model_fn, detach, dim, hidden_batch_dim, checkpoint_every)
     stream = CarriedState(window, carry_state)
     keep_predictions = output_transform is not _default_output_transform
     has_grads = False  # whether the current accumulation group backpropagated anything
@@ -420,6 +424,7 @@ def create_supervised_tbptt_trainer(
     gradient_accumulation_steps: int = 1,
     clip_grad_norm: Optional[float] = None,
     hidden_batch_dim: int = -2,
+    checkpoint_every: Optional[int] = None,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
 
@@ -477,6 +482,10 @@ def create_supervised_tbptt_trainer(
             ``GRADIENTS_COMPUTED`` handlers); the norm before clipping is ``engine.state.grad_norm``.
         hidden_batch_dim: the batch axis of the hidden-state tensors (``-2`` fits ``nn.RNN``/``GRU``/``LSTM``
             and the cells), used for per-sample resets and padding.
+        checkpoint_every: memory-efficient windows for very long ``k2``: run each window in segments of at
+            most this many steps under activation checkpointing (Gruslys et al. 2016), keeping one state per
+            segment and rebuilding a segment's activations during the backward pass. About ``sqrt(k2)``
+            balances the two; the gradients are the same. ``None`` keeps every activation of the window.
 
     Returns:
         an Ignite ``Engine`` with :class:`Tbptt_Events` registered.
@@ -503,7 +512,7 @@ def create_supervised_tbptt_trainer(
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
-        hidden_batch_dim,
+        hidden_batch_dim, checkpoint_every,
     )
     engine = (DeterministicTbpttEngine if deterministic else TbpttEngine)(step)
     register_tbptt_events(engine)

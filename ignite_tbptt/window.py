@@ -23,8 +23,9 @@ from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Seque
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import checkpoint
 
-from ignite_tbptt.schedule import Chunk, segment_spans
+from ignite_tbptt.schedule import Chunk, checkpoint_cuts, segment_spans
 from ignite_tbptt.sequences import Gate, GateTrack, detached
 
 __all__ = ["default_model_fn", "RecomputeWindow", "RetainWindow"]
@@ -57,6 +58,17 @@ def cat_time(pieces: List[Any], dim: int) -> Any:
     flat = [tree_flatten(p) for p in pieces]
     leaves = [torch.cat(parts, dim) for parts in zip(*(leaves for leaves, _ in flat))]
     return tree_unflatten(leaves, flat[0][1])
+
+
+def run_span(gates: GateTrack, forward: Callable, x: torch.Tensor, hidden: Any, start: int, checkpointed: bool) -> Any:
+    """One model call over a span starting at ``start``, under activation checkpointing if asked.
+
+    Checkpointed, the span keeps only its inputs (``x`` and the state) for the backward pass and runs again
+    there to rebuild its activations: the trade of Gruslys et al. (2016), memory for recomputation.
+    """
+    if not checkpointed or not torch.is_grad_enabled():
+        return gates.run(forward, x, hidden, start)
+    return checkpoint(gates.run, forward, x, hidden, start, use_reentrant=False)
 
 
 class _Inputs:
@@ -105,6 +117,9 @@ class RecomputeWindow:
         detach: cuts a hidden state from its graph (``ignite_tbptt.trainer._detach_hidden``).
         dim: the time axis of inputs and outputs.
         hidden_batch_dim: the batch axis of the hidden-state tensors, for per-sample resets and padding.
+        checkpoint_every: run the window in segments of at most this many steps under activation
+            checkpointing, so memory holds one state per segment plus one segment's activations instead of
+            the whole window's; ``None`` keeps all activations.
 
     Example:
         >>> import torch
@@ -118,8 +133,12 @@ class RecomputeWindow:
         (2, 1, 2)
     """
 
-    def __init__(self, model: Any, model_fn: ModelFn, detach: Callable, dim: int, hidden_batch_dim: int = -2) -> None:
+    def __init__(
+        self, model: Any, model_fn: ModelFn, detach: Callable, dim: int, hidden_batch_dim: int = -2,
+        checkpoint_every: Optional[int] = None,
+    ) -> None:
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
+        self.checkpoint_every = checkpoint_every
         self.inputs, self.gates = _Inputs(dim), GateTrack(hidden_batch_dim)
         self.reset()
 
@@ -139,9 +158,12 @@ class RecomputeWindow:
         next_start = later_starts[0] if later_starts else chunk.stop
         run = lambda x_span, h: call_model(self.model_fn, self.model, x_span, h)  # noqa: E731
         outputs = []
-        cuts = [chunk.start, next_start, *self.gates.cuts(self.state_at, chunk.stop)]
+        cuts = [
+            chunk.start, next_start, *self.gates.cuts(self.state_at, chunk.stop),
+            *checkpoint_cuts(self.state_at, chunk.stop, self.checkpoint_every),
+        ]
         for a, b in segment_spans(self.state_at, chunk.stop, cuts):
-            y_pred, hidden = self.gates.run(run, self.inputs.over(a, b), hidden, a)
+            y_pred, hidden = run_span(self.gates, run, self.inputs.over(a, b), hidden, a, bool(self.checkpoint_every))
             if a >= chunk.start:
                 outputs.append(y_pred)
             if b == next_start:
@@ -252,10 +274,14 @@ class RetainWindow:
         >>> window.backward(window.forward(second, [], x[2:], []).sum())  # through (1, 4], no re-run
     """
 
-    def __init__(self, model: nn.Module, model_fn: ModelFn, detach: Callable, dim: int, hidden_batch_dim: int = -2) -> None:
+    def __init__(
+        self, model: nn.Module, model_fn: ModelFn, detach: Callable, dim: int, hidden_batch_dim: int = -2,
+        checkpoint_every: Optional[int] = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f'overlap="retain" needs an nn.Module model, got {type(model).__name__}')
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
+        self.checkpoint_every = checkpoint_every
         self.call = _ModelFnCall(model, model_fn)
         self.gates = GateTrack(hidden_batch_dim)
         self.segments: Deque[_Segment] = deque()
@@ -300,10 +326,13 @@ class RetainWindow:
     def _run_segment(
         self, a: int, b: int, x: torch.Tensor, h_in: Optional[Hidden], params: Optional[Params], outputs: List[Any]
     ) -> _Segment:
-        """Run ``(a, b]`` from ``h_in`` (cut further only where a sequence gate changes), collecting outputs."""
+        """Run ``(a, b]`` from ``h_in`` (cut further where a sequence gate changes or a checkpointed segment
+        ends), collecting outputs."""
         forward, hidden = self._forward(params), h_in
-        for c, d in segment_spans(a, b, self.gates.cuts(a, b)):
-            y_pred, hidden = self.gates.run(forward, x.narrow(self.dim, c - a, d - c), hidden, c)
+        cuts = [*self.gates.cuts(a, b), *checkpoint_cuts(a, b, self.checkpoint_every)]
+        for c, d in segment_spans(a, b, cuts):
+            x_span = x.narrow(self.dim, c - a, d - c)
+            y_pred, hidden = run_span(self.gates, forward, x_span, hidden, c, bool(self.checkpoint_every))
             outputs.append(y_pred)
         return _Segment(a, b, h_in, hidden, x, params)
 

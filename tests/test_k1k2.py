@@ -143,3 +143,26 @@ def test_kept_window_is_bounded_by_k2_not_t(overlap, k1, k2):
     # a whole input chunk for recompute: never more than k2 - 1 steps back.
     assert max(span for span, _ in spans) <= k2 - 1
     assert max(count for _, count in spans) <= 2 * k2
+
+
+@pytest.mark.parametrize("overlap", MODES)
+@pytest.mark.parametrize("kind", ["LSTM", "cell"])
+@pytest.mark.parametrize("T,k1,k2,every", [(20, 4, 12, 3), (12, 12, 12, 5), (15, 2, 9, 1), (10, 3, 5, 100)])
+def test_checkpointed_windows_match_reference(kind, overlap, T, k1, k2, every):
+    x, y = make_data(T)
+    expected = reference_trajectory(make_model(kind), x, y, k1, k2, overlap, LR, nn.MSELoss())
+
+    def counted(calls):
+        def model_fn(model, x, hidden):
+            calls.append(x.shape[0])
+            return model(x) if hidden is None else model(x, hidden)
+
+        return model_fn
+
+    calls, plain_calls = [], []
+    got = batches_trajectory(make_model(kind), [(x, y)], k1, k2, overlap, checkpoint_every=every, model_fn=counted(calls))
+    assert_same_trajectory(got, expected)
+    assert max(calls) <= every  # no model call spans more than one checkpointed segment
+    batches_trajectory(make_model(kind), [(x, y)], k1, k2, overlap, model_fn=counted(plain_calls))
+    if every < k2:  # each segment runs again in the backward pass
+        assert sum(calls) > sum(plain_calls)
