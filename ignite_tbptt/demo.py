@@ -1,7 +1,8 @@
 """The main job: a character-level LSTM language model trained with TBPTT on a real corpus.
 
 The text is cut into parallel streams fed as consecutive batches with ``carry_state=True``, so the hidden
-state flows through the whole corpus. The default corpus is the English text of the Python documentation
+state flows through the whole corpus. A progress bar advances per chunk with the running loss (with tqdm
+installed), and held-out bits per character come from the chunked evaluator after every epoch. The default corpus is the English text of the Python documentation
 that ships with CPython (``pydoc_data.topics``); ``--text PATH ...`` trains on your own files instead.
 Nothing is downloaded.
 
@@ -18,10 +19,17 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
+from ignite.metrics import Loss
 from torch import nn
 
-from ignite_tbptt import Tbptt_Events, create_supervised_tbptt_trainer
+from ignite_tbptt import (
+    ChunkProgressBar,
+    TbpttLoss,
+    Tbptt_Events,
+    create_supervised_tbptt_evaluator,
+    create_supervised_tbptt_trainer,
+)
 
 LOG2E = 1 / math.log(2)
 
@@ -68,19 +76,32 @@ def sequence_loss(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(y_pred.reshape(-1, y_pred.shape[-1]), y.reshape(-1))
 
 
-@torch.no_grad()
-def bits_per_char(model: nn.Module, data: torch.Tensor, chunk: int) -> float:
-    """Held-out bits per character, walking the streams chunk by chunk with the state carried."""
-    model.eval()
-    hidden, total, count = None, 0.0, 0
-    for start in range(0, data.shape[0] - 1, chunk):
-        x = data[start : start + chunk]
-        y = data[start + 1 : start + 1 + chunk]
-        x = x[: y.shape[0]]
-        y_pred, hidden = model(x) if hidden is None else model(x, hidden)
-        total += sequence_loss(y_pred, y).item() * y.numel()
-        count += y.numel()
-    return total / count * LOG2E
+def stream_batches(data: torch.Tensor, seq_len: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive ``(input, next character)`` batches of ``seq_len`` steps over ``(time, streams)`` data."""
+    return [
+        (data[s : s + seq_len], data[s + 1 : s + 1 + seq_len])
+        for s in range(0, data.shape[0] - seq_len - 1, seq_len)
+    ]
+
+
+def flat_pair(x: torch.Tensor, y: torch.Tensor, y_pred: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return y_pred.reshape(-1, y_pred.shape[-1]), y.reshape(-1)
+
+
+def attach_progress(trainer: Engine, every: int, bar: bool) -> None:
+    """A per-chunk progress bar if asked and tqdm is installed; otherwise a line every ``every`` chunks."""
+    if bar:
+        try:
+            bar = ChunkProgressBar(persist=True, desc="epoch", mininterval=0.5)
+            bar.attach(trainer, output_transform=lambda loss: loss * LOG2E)  # shown in bits per character
+            return
+        except ModuleNotFoundError:
+            pass
+
+    @trainer.on(Tbptt_Events.TIME_ITERATION_COMPLETED(every=every))
+    def log_chunk(engine: Engine) -> None:
+        bits = float(engine.state.output) * LOG2E
+        print(f"  chunk {engine.state.time_iteration:6d}  loss {bits:.3f} bits/char")
 
 
 @torch.no_grad()
@@ -112,6 +133,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     args = parser.parse_args(argv)
     for name in ("k1", "epochs", "hidden", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
@@ -142,10 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     split = int(ids.numel() * 0.95)
     train = batchify(ids[:split], args.batch_size).to(args.device)
     valid = batchify(ids[split:], 8).to(args.device)
-    batches = [
-        (train[s : s + args.seq_len], train[s + 1 : s + 1 + args.seq_len])
-        for s in range(0, train.shape[0] - args.seq_len - 1, args.seq_len)
-    ]
+    batches = stream_batches(train, args.seq_len)
     if not batches:
         print(f"error: the text is too short for --seq-len {args.seq_len}", file=sys.stderr)
         return 2
@@ -155,32 +174,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trainer = create_supervised_tbptt_trainer(
         model, optimizer, sequence_loss, tbtt_step=args.k1, k2=args.k2, overlap=args.overlap, carry_state=True
     )
+    TbpttLoss().attach(trainer, "loss")  # the epoch's training loss, over all its time steps
+    evaluator = create_supervised_tbptt_evaluator(
+        model, {"loss": Loss(sequence_loss)}, tbtt_step=args.k1 * 4, carry_state=True, output_transform=flat_pair
+    )
+    valid_batches = stream_batches(valid, args.seq_len)
     print(
         f"corpus: {len(text):,} characters, vocabulary {len(vocab)}; {len(batches)} batches of "
         f"{args.batch_size} x {args.seq_len}; TBPTT(k1={args.k1}, k2={args.k2 or args.k1}, {args.overlap})"
     )
-
-    @trainer.on(Tbptt_Events.TIME_ITERATION_COMPLETED(every=200))
-    def log_chunk(engine):
-        print(f"  chunk {engine.state.time_iteration:6d}  loss {float(engine.state.output) * LOG2E:.3f} bits/char")
-
+    attach_progress(trainer, every=200, bar=not args.no_progress)
     results = {}
 
     @trainer.on(Events.EPOCH_COMPLETED)
-    def evaluate(engine):
-        results["valid"] = bits_per_char(model, valid, args.k1 * 4)
-        print(f"epoch {engine.state.epoch}: validation {results['valid']:.3f} bits/char")
-
-    train_bits = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: train_bits.append(e.state.output * LOG2E))
+    def evaluate(engine: Engine) -> None:
+        results["train"] = engine.state.metrics["loss"] * LOG2E
+        results["valid"] = evaluator.run(valid_batches).metrics["loss"] * LOG2E
+        print(f"epoch {engine.state.epoch}: train {results['train']:.3f}, validation {results['valid']:.3f} bits/char")
 
     start = time.perf_counter()
     trainer.run(batches, max_epochs=args.epochs)
     elapsed = time.perf_counter() - start
     tokens = sum(y.numel() for _, y in batches) * args.epochs
-    last = train_bits[-len(batches) :]
     print(
-        f"result: train {sum(last) / len(last):.3f} bits/char, validation {results['valid']:.3f} bits/char, "
+        f"result: train {results['train']:.3f} bits/char, validation {results['valid']:.3f} bits/char, "
         f"{elapsed:.0f} s, {tokens / elapsed:,.0f} tokens/s"
     )
     print("sample:", sample(model, vocab, "The ", 160, args.device).replace("\n", " "))

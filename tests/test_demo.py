@@ -13,8 +13,12 @@ def test_tiny_run_prints_a_result_line(tmp_path, capsys):
     args = ["--text", str(text), "--epochs", "1", "--hidden", "16", "--seq-len", "20", "--batch-size", "4",
             "--k1", "5", "--k2", "8", "--overlap", "retain"]
     assert demo.main(args) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "result: train" in out and "validation" in out and "tokens/s" in out and "sample: The " in out
+    assert "chunk" in captured.err and "loss=" in captured.err  # the per-chunk progress bar
+    assert demo.main(args + ["--no-progress"]) == 0
+    assert "loss=" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
