@@ -1,0 +1,118 @@
+"""Build the notebooks in this folder from their sources in ``src/`` and execute them, keeping the outputs.
+
+Each ``src/NAME.py`` is a script in the "percent" format (as in jupytext): ``# %%`` starts a code cell and
+``# %% [markdown]`` a markdown cell whose lines are comments. ``NAME.ipynb`` is rebuilt from it and run in a
+fresh kernel of this interpreter, with the repository root on ``PYTHONPATH`` and matplotlib's inline backend,
+so the saved notebook carries its plots.
+
+    python notebooks/build.py                 # every src/*.py
+    python notebooks/build.py 01 03           # the ones whose name starts with 01 or 03
+    python notebooks/build.py --no-execute    # cells only, no outputs
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CELL_TIMEOUT_S = 300
+
+
+def parse_percent_script(text: str) -> list:
+    """Split a percent-format script into nbformat cells (code, or markdown from commented lines)."""
+    cells, kind, lines = [], None, []
+
+    def flush():
+        body = "\n".join(lines).strip("\n")
+        if kind == "markdown":
+            body = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines())
+            cells.append(nbformat.v4.new_markdown_cell(body))
+        elif kind == "code" and body:
+            cells.append(nbformat.v4.new_code_cell(body))
+
+    for line in text.splitlines():
+        if line.startswith("# %%"):
+            flush()
+            kind, lines = ("markdown" if "[markdown]" in line else "code"), []
+        elif kind is not None:
+            lines.append(line)
+    flush()
+    for number, cell in enumerate(cells):
+        cell.id = f"cell-{number:02d}"  # stable ids: a rebuild changes only what changed
+    return cells
+
+
+def kernel_manager(spec_dir: Path) -> KernelManager:
+    """A ``python3`` kernel that runs this very interpreter, whatever kernel specs the machine has."""
+    kernel = spec_dir / "kernels" / "python3"
+    kernel.mkdir(parents=True, exist_ok=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3 (ipykernel)", "language": "python"}
+    (kernel / "kernel.json").write_text(json.dumps(spec))
+    specs = KernelSpecManager(kernel_dirs=[str(kernel.parent)], ensure_native_kernel=False)
+    return KernelManager(kernel_name="python3", kernel_spec_manager=specs)
+
+
+def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = CELL_TIMEOUT_S) -> None:
+    """Run ``nb`` in place in a fresh kernel (cwd ``cwd``, repository root importable)."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    old = {key: os.environ.get(key) for key in (*env, "MPLBACKEND")}
+    os.environ.update(env)
+    os.environ.pop("MPLBACKEND", None)  # let ipykernel pick the inline backend: PNGs in the outputs
+    try:
+        with tempfile.TemporaryDirectory() as spec_dir:
+            client = NotebookClient(nb, km=kernel_manager(Path(spec_dir)), timeout=timeout, kernel_name="python3",
+                                    record_timing=False, resources={"metadata": {"path": str(cwd)}})
+            client.execute()
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def build(source: Path, run: bool = True) -> float:
+    """Write ``source``'s notebook next to this script; return the seconds its execution took."""
+    nb = nbformat.v4.new_notebook(cells=parse_percent_script(source.read_text()))
+    nb.metadata.update({
+        "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+        "language_info": {"name": "python"},
+    })
+    seconds = 0.0
+    if run:
+        start = time.perf_counter()
+        execute(nb, HERE)
+        seconds = time.perf_counter() - start
+    nbformat.validate(nb)
+    nbformat.write(nb, HERE / f"{source.stem}.ipynb")
+    return seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prefixes", nargs="*", help="build only the sources whose name starts with one of these")
+    parser.add_argument("--no-execute", action="store_true", help="write the cells without running them")
+    args = parser.parse_args(argv)
+    sources = sorted(p for p in (HERE / "src").glob("*.py")
+                     if not args.prefixes or p.name.startswith(tuple(args.prefixes)))
+    if not sources:
+        parser.error("no matching notebook sources in notebooks/src/")
+    for source in sources:
+        seconds = build(source, run=not args.no_execute)
+        print(f"{source.stem}.ipynb" + (f": executed in {seconds:.1f} s" if seconds else ": written"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
