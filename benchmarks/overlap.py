@@ -1,156 +1,77 @@
-"""Time the trainer against a hand-written loop and Ignite's trainer, and the two overlap modes.
+"""Benchmark the TBPTT trainer: speed against hand-written loops, Ignite's trainer and the compute floor; memory.
 
-All contenders run in one process, in interleaved rounds (A B C A B C ...), on the same data and a fresh
-copy of the same model; the table reports median seconds per batch and ratios. Run:
+One command prints every table (markdown):
 
-    python benchmarks/overlap.py            # CPU, about two minutes on 2 cores
-    python benchmarks/overlap.py --device cuda
+    python benchmarks/overlap.py                      # CPU: speed, memory, checkpointing (if the trainer has it)
+    python benchmarks/overlap.py --quick              # tiny sizes, a few seconds: a smoke test
+    python benchmarks/overlap.py --sections speed     # or memory, checkpoint; comma-separated
+    python benchmarks/overlap.py --device cuda        # times with torch.cuda.synchronize, max_memory_allocated
+    python benchmarks/overlap.py --threads 1          # one torch thread: steadier on a busy machine
+    python benchmarks/overlap.py --malloc default     # leave glibc's allocator as it is (see bench_common)
+
+Sections (each is also a script of its own):
+
+- ``speed`` (``bench_speed.py``): all contenders of a case in this process, interleaved rounds, fresh copies
+  of the same model, median seconds per batch; ratios against the first row and against the compute floor
+  ``forward + (k2 / k1) * backward``.
+- ``memory`` (``bench_memory.py``): peak memory of one batch at two sequence lengths, each measurement in a
+  fresh process, next to the size of the inputs.
+- ``checkpoint`` (``bench_memory.py``): peak memory and time at ``k2 = 2000`` with and without the trainer's
+  activation-checkpointing option; skipped when the trainer has none.
 """
 
 import argparse
-import copy
-import statistics
+import os
+import sys
 import time
 
-import torch
-from ignite.contrib.engines import create_supervised_tbptt_trainer as ignite_trainer
-from torch import nn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ignite_tbptt import create_supervised_tbptt_trainer
+import torch  # noqa: E402
 
+import bench_common as bc  # noqa: E402
+import bench_memory  # noqa: E402
+import bench_speed  # noqa: E402
 
-class FusedLSTM(nn.Module):
-    """One ``nn.LSTM`` call per chunk: cheap per step, one kernel over the whole chunk."""
-
-    def __init__(self, n_in: int, n_hidden: int) -> None:
-        super().__init__()
-        self.rnn, self.head = nn.LSTM(n_in, n_hidden), nn.Linear(n_hidden, n_in)
-
-    def forward(self, x, hidden=None):
-        out, hidden = self.rnn(x, hidden)
-        return self.head(out), hidden
+SECTIONS = {"speed": bench_speed.section, "memory": bench_memory.section, "checkpoint": bench_memory.checkpoint_section}
 
 
-class CellGRU(nn.Module):
-    """A Python loop over ``nn.GRUCell``: per-step overhead dominates."""
-
-    def __init__(self, n_in: int, n_hidden: int) -> None:
-        super().__init__()
-        self.cell, self.head, self.n_hidden = nn.GRUCell(n_in, n_hidden), nn.Linear(n_hidden, n_in), n_hidden
-
-    def forward(self, x, hidden=None):
-        h = x.new_zeros(x.shape[1], self.n_hidden) if hidden is None else hidden
-        outs = []
-        for x_t in x.unbind(0):
-            h = self.cell(x_t, h)
-            outs.append(h)
-        return self.head(torch.stack(outs)), h
+def parse_sections(text: str):
+    names = [s for s in text.replace(",", " ").split() if s]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {unknown}; choose from {sorted(SECTIONS)}")
+    return names
 
 
-def detach(h):
-    return tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
-
-
-def hand_written(model, optimizer, loss_fn, x, y, k1):
-    """The loop people write by hand for k2 == k1."""
-    hidden = None
-    for x_c, y_c in zip(x.split(k1), y.split(k1)):
-        optimizer.zero_grad()
-        y_pred, hidden = model(x_c) if hidden is None else model(x_c, detach(hidden))
-        loss_fn(y_pred, y_c).backward()
-        optimizer.step()
-
-
-def hand_written_recompute(model, optimizer, loss_fn, x, y, k1, k2):
-    """A straightforward recompute loop for k2 > k1: re-run the last k2 steps from a stored state."""
-    o, T = k2 - k1, x.shape[0]
-    states = {0: None}
-    for s in range(0, T, k1):
-        t, w = min(s + k1, T), max(0, s - o)
-        nxt = min(t, s + k1 - o) if s + k1 < T else t
-        optimizer.zero_grad()
-        h = states[w]
-        h = None if h is None else detach(h)
-        bounds = sorted({w, s, max(w, nxt), t})
-        outs = []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            y_pred, h = model(x[a:b]) if h is None else model(x[a:b], h)
-            if a >= s:
-                outs.append(y_pred)
-            if b == nxt:
-                states = {b: h}
-        nn.functional.mse_loss(torch.cat(outs), y[s:t]).backward()
-        optimizer.step()
-
-
-def run_contenders(make_model, x, y, k1, k2, rounds, with_baselines):
-    """Median seconds per batch for every contender, measured in interleaved rounds."""
-    base = make_model()
-    loss_fn = nn.MSELoss()
-
-    def fresh():
-        model = copy.deepcopy(base)
-        return model, torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def engine_runner(factory, **kw):
-        model, opt = fresh()
-        engine = factory(model, opt, loss_fn, tbtt_step=k1, **kw)
-        return lambda: engine.run([(x, y)])
-
-    def loop_runner(fn, *args):
-        model, opt = fresh()
-        return lambda: fn(model, opt, loss_fn, x, y, *args)
-
-    contenders = {}
-    if k2 == k1:
-        contenders["hand-written loop"] = loop_runner(hand_written, k1)
-        contenders["ignite trainer"] = engine_runner(ignite_trainer)
-        contenders["ignite_tbptt"] = engine_runner(create_supervised_tbptt_trainer)
-    else:
-        if with_baselines:
-            contenders["hand-written recompute"] = loop_runner(hand_written_recompute, k1, k2)
-        contenders["recompute"] = engine_runner(create_supervised_tbptt_trainer, k2=k2, overlap="recompute")
-        contenders["retain"] = engine_runner(create_supervised_tbptt_trainer, k2=k2, overlap="retain")
-    times = {name: [] for name in contenders}
-    for name, fn in contenders.items():  # warm-up
-        fn()
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def main():
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--T", type=int, default=400)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    batch, n_in = 32, 16
-    cases = [
-        ("LSTM(256) fused", lambda: FusedLSTM(n_in, 256).to(device), 20, 20),
-        ("GRUCell(64) loop", lambda: CellGRU(n_in, 64).to(device), 20, 20),
-        ("LSTM(256) fused", lambda: FusedLSTM(n_in, 256).to(device), 20, 40),
-        ("GRUCell(64) loop", lambda: CellGRU(n_in, 64).to(device), 20, 40),
-        ("LSTM(256) fused", lambda: FusedLSTM(n_in, 256).to(device), 5, 40),
-        ("GRUCell(64) loop", lambda: CellGRU(n_in, 64).to(device), 5, 40),
-    ]
-    x = torch.randn(args.T, batch, n_in, device=device)
-    y = torch.randn(args.T, batch, n_in, device=device)
-    print(f"device {device}, T={args.T}, batch {batch}, {args.rounds} interleaved rounds, median s/batch")
-    print(f"| model | k1 | k2 | contender | s/batch | ratio |")
-    print(f"|---|---|---|---|---|---|")
-    for name, make_model, k1, k2 in cases:
-        result = run_contenders(make_model, x, y, k1, k2, args.rounds, with_baselines=True)
-        reference = next(iter(result.values()))
-        for contender, seconds in result.items():
-            print(f"| {name} | {k1} | {k2} | {contender} | {seconds:.4f} | {seconds / reference:.2f} |")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test")
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument("--sections", type=parse_sections, default=list(SECTIONS),
+                        help="comma-separated: speed, memory, checkpoint (default: all)")
+    parser.add_argument("--n-in", type=int, default=16, help="input features")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads, here and in the memory processes (default: torch's; --quick 1)")
+    bc.add_malloc_argument(parser)
+    bench_speed.add_arguments(parser)
+    bench_memory.add_arguments(parser)
+    args = parser.parse_args(argv)
+    bench_speed.resolve(args)
+    bench_memory.resolve(args)
+    if args.threads is None and args.quick:
+        args.threads = 1  # tiny ops: no use for threads, and a busy machine makes spinning threads very slow
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bc.resolve_malloc(args)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    command = "python benchmarks/overlap.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    print(f"`{command}`: {bc.describe_device(args.device)}, allocator {args.malloc}{bc.load_note()}\n", flush=True)
+    for name in args.sections:
+        start = time.perf_counter()
+        print(SECTIONS[name](args), flush=True)
+        print(f"\n({name}: {time.perf_counter() - start:.0f} s{bc.load_note()})\n", flush=True)
 
 
 if __name__ == "__main__":

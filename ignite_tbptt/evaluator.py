@@ -12,7 +12,7 @@ from ignite.metrics import Metric
 from torch import nn
 
 from ignite_tbptt import trainer
-from ignite_tbptt.events import Tbptt_Events, register_tbptt_events, start_chunk
+from ignite_tbptt.events import Tbptt_Events, fire, register_tbptt_events, start_chunk
 from ignite_tbptt.handlers import ChunkedEpochWise
 from ignite_tbptt.schedule import check_steps, plan_chunks
 from ignite_tbptt.sequences import masked_pair
@@ -73,7 +73,7 @@ def supervised_tbptt_evaluation_step(
                     y_pred = window.forward(chunk, later, x_t, gates)
                 y_pred, y_t = masked_pair(y_pred, y_t, valid)
                 engine.state.output = output_transform(x_t, y_t, y_pred)
-                engine.fire_event(Tbptt_Events.TIME_ITERATION_COMPLETED)
+                fire(engine, Tbptt_Events.TIME_ITERATION_COMPLETED)
         stream.end_batch(length)
         return engine.state.output
 

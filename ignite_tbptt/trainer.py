@@ -15,7 +15,7 @@ from ignite.engine import DeterministicEngine, Engine, Events, _prepare_batch
 from ignite.utils import apply_to_tensor
 from torch import nn
 
-from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, register_tbptt_events, start_chunk
+from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, register_tbptt_events, start_chunk
 from ignite_tbptt.schedule import Chunk, check_steps, later_window_starts, plan_chunks
 from ignite_tbptt.sequences import Gate, SequenceInfo, chunk_gates, masked_pair, parse_sequence_info
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn
@@ -208,6 +208,19 @@ def reset_state(engine: Engine) -> None:
     engine.carried_state.reset()
 
 
+def weighted_mean(losses: List[torch.Tensor], weights: List[int]) -> torch.Tensor:
+    """The chunk losses' mean weighted by their numbers of (step, sample) pairs, in two tensor ops per batch.
+
+    >>> weighted_mean([torch.tensor(1.0), torch.tensor(4.0)], [3, 1])
+    tensor(1.7500)
+    """
+    total = sum(weights)
+    if not total:
+        return torch.tensor(float("nan"))  # nothing in the batch was valid
+    stacked = torch.stack(losses)
+    return stacked @ torch.tensor(weights, dtype=stacked.dtype).to(stacked.device, non_blocking=True) / total
+
+
 def _reset_at_epoch_start(engine: Engine) -> None:
     # Not when a run resumes mid-epoch from a state_dict: the restored stream continues.
     state = engine.state
@@ -346,9 +359,8 @@ def supervised_tbptt_training_step(
             has_grads = True
         window.backward(loss)
 
-    def optimizer_step(engine: Engine) -> None:
+    def optimizer_step(engine: Engine, distributed: bool) -> None:
         nonlocal has_grads
-        distributed = idist.get_world_size() > 1 and not _is_ddp(model)
         if not (has_grads or distributed):
             return  # nothing was valid: no update (a scaler could not step without gradients either)
         has_grads = False
@@ -356,7 +368,7 @@ def supervised_tbptt_training_step(
             average_gradients(model)
         if grad_scaler is not None:
             grad_scaler.unscale_(optimizer)
-        engine.fire_event(Tbptt_Events.GRADIENTS_COMPUTED)
+        fire(engine, Tbptt_Events.GRADIENTS_COMPUTED)
         if clip_grad_norm is not None:
             engine.state.grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         if grad_scaler is not None:
@@ -366,7 +378,8 @@ def supervised_tbptt_training_step(
             optimizer.step()
 
     def run_chunk(
-        engine: Engine, chunk: Chunk, num_chunks: int, later: List[int], x: Any, y: Any, info: Any, rows: slice
+        engine: Engine, chunk: Chunk, num_chunks: int, later: List[int], x: Any, y: Any, info: Any, rows: slice,
+        distributed: bool,
     ) -> Tuple[Any, torch.Tensor, int]:
         x_t, y_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)
         gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
@@ -380,25 +393,26 @@ def supervised_tbptt_training_step(
             loss = loss_fn(*masked_pair(y_pred, y_t, valid)) if weight else None
         backward(loss)
         if count % accumulate == 0:
-            optimizer_step(engine)
+            optimizer_step(engine, distributed)
         engine.state.output = loss.detach() if loss is not None else torch.zeros((), device=x_t.device)
-        engine.fire_event(Tbptt_Events.TIME_ITERATION_COMPLETED)
+        fire(engine, Tbptt_Events.TIME_ITERATION_COMPLETED)
         return y_pred, engine.state.output, weight
 
     def update(engine: Engine, batch: Any) -> Any:
         x, y, info, length = split_batch(batch, dim)
         offset = stream.begin_batch(x, dim)
         chunks = plan_chunks(length, tbtt_step, k2, offset)
-        total, total_weight, predictions = 0, 0, []
+        distributed = idist.get_world_size() > 1 and not _is_ddp(model)  # averaged by hand before each step
+        losses, weights, predictions = [], [], []
         for chunk, later, rows, x_c, y_c in batch_chunks(chunks, x, y, offset, length, tbtt_step, k2, dim, stream.carry):
-            y_pred, loss, weight = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows)
-            total, total_weight = total + loss * weight, total_weight + weight
+            y_pred, loss, weight = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed)
+            losses.append(loss)
+            weights.append(weight)
             if keep_predictions:
                 predictions.append(apply_to_tensor(y_pred, torch.Tensor.detach))
         stream.end_batch(length)
         y_pred = cat_time(predictions, dim) if predictions else None
-        mean = total / total_weight if total_weight else torch.tensor(float("nan"))
-        return output_transform(x, y, y_pred, mean)
+        return output_transform(x, y, y_pred, weighted_mean(losses, weights))
 
     update.carried_state = stream  # type: ignore[attr-defined]
     return update

@@ -38,6 +38,7 @@ def test_call_protocol_with_mocks():
     # No parameters anywhere: the trainer must only call, never inspect, the model and optimizer.
     model, optimizer, loss = mock.MagicMock(), mock.MagicMock(), mock.MagicMock()
     model.return_value = ("y_pred", "hidden")
+    loss.return_value = torch.zeros((), requires_grad=True)  # a real loss: the trainer backpropagates it
     with mock.patch.object(ignite_tbptt.trainer, "_detach_hidden", side_effect=lambda h: ("cut", h)) as detach:
         trainer = create_supervised_tbptt_trainer(model, optimizer, loss, tbtt_step=3)
         trainer.run([(torch.zeros(8, 2, 1), torch.zeros(8, 2, 1))])

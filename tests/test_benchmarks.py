@@ -1,0 +1,87 @@
+"""The benchmarks keep working: the hand-written baselines compute what the trainer computes, and
+``python benchmarks/overlap.py --quick`` prints every table."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from ignite_tbptt import create_supervised_tbptt_trainer
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load(name):
+    """Import ``benchmarks/<name>.py`` (the folder is not a package) under a name of its own."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+overlap = load("overlap")  # puts benchmarks/ on sys.path for its bench_* modules
+import bench_common as bc  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def params_after(kind, k1, k2, run):
+    model = bc.make_model(kind, 3, 4, torch.device("cpu")).double()
+    x, y = (t.double() for t in bc.make_data(11, 2, 3, torch.device("cpu")))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    run(model, optimizer, x, y)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("k1,k2", [(3, 3), (3, 5), (2, 6), (4, 7), (2, 9), (1, 4), (5, 20)])
+@pytest.mark.parametrize("mode", ["recompute", "retain"])
+def test_hand_written_baselines_match_the_trainer(kind, k1, k2, mode):
+    """Two batches, so that the second starts from parameters the first changed (``retain``'s clones matter)."""
+    hand = bc.hand_written if k1 == k2 and mode == "recompute" else bc.HAND_WRITTEN[mode]
+
+    def by_hand(model, opt, x, y):
+        for _ in range(2):
+            hand(model, opt, nn.MSELoss(), x, y, k1, k2)
+
+    def by_trainer(model, opt, x, y):
+        trainer = create_supervised_tbptt_trainer(model, opt, nn.MSELoss(), tbtt_step=k1, k2=k2, overlap=mode)
+        trainer.run([(x, y)] * 2)
+
+    for a, b in zip(params_after(kind, k1, k2, by_hand), params_after(kind, k1, k2, by_trainer)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_floor_parts_are_positive():
+    model = bc.make_model("lstm", 3, 4, torch.device("cpu"))
+    x, y = bc.make_data(8, 2, 3, torch.device("cpu"))
+    forward, backward = bc.floor_parts(model, nn.MSELoss(), x, y, 3, lambda: None)
+    assert forward > 0 and backward > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_quick_run_prints_every_table(capsys):
+    """Speed in this process, memory in two fresh processes: what ``--quick`` runs, minus checkpointing."""
+    overlap.main(["--quick", "--sections", "speed,memory"])
+    out = capsys.readouterr().out
+    for line in ("| model | k1 | k2 | contender | s/batch | ratio | x floor |", "hand-written retain",
+                 "ignite_tbptt retain", "ignite trainer", "floor: fwd + (k2/k1) bwd", "inputs growth MiB"):
+        assert line in out, out
+
+
+def test_quick_checkpoint_section(capsys, monkeypatch):
+    """The checkpointing section, its measurements run in this process to save four interpreter starts."""
+    memory = overlap.bench_memory
+    monkeypatch.setattr(memory, "measure_all", lambda configs, jobs: [memory.child(c) for c in configs])
+    monkeypatch.setattr(bc, "set_malloc", lambda mode: True)  # leave this process's allocator alone
+    overlap.main(["--quick", "--sections", "checkpoint"])
+    out = capsys.readouterr().out
+    assert ("memory ratio" in out) != ("skipped" in out), out
