@@ -197,7 +197,8 @@ Params = Dict[str, torch.Tensor]
 
 class _Segment(NamedTuple):
     """A retained stretch ``(start, stop]`` of the forward pass: its input state leaf, output state, inputs,
-    and the parameter clones its forward pass ran under (``None`` when it ran under the live parameters)."""
+    the parameter clones its forward pass ran under (``None`` when it ran under the live parameters), and the
+    floating tensors of both states, flattened once here rather than by every window that chains through it."""
 
     start: int
     stop: int
@@ -205,6 +206,8 @@ class _Segment(NamedTuple):
     h_out: Hidden
     x: torch.Tensor
     params: Optional[Params]
+    in_leaves: List[torch.Tensor]
+    out_leaves: List[torch.Tensor]
 
 
 def _grad_leaf(hidden: Optional[Hidden], detach: Callable) -> Optional[Hidden]:
@@ -223,10 +226,10 @@ def _float_tensors(hidden: Optional[Hidden]) -> List[torch.Tensor]:
     return [t for t in tree_flatten(hidden)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _take_state_grad(h_in: Optional[Hidden]) -> List[Optional[torch.Tensor]]:
+def _take_state_grad(leaves: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """The gradient collected on a segment's input state, cleared so that no later update reuses it."""
     grads = []
-    for t in _float_tensors(h_in):
+    for t in leaves:
         grads.append(t.grad)
         t.grad = None
     return grads
@@ -334,7 +337,7 @@ class RetainWindow:
             x_span = x.narrow(self.dim, c - a, d - c)
             y_pred, hidden = run_span(self.gates, forward, x_span, hidden, c, bool(self.checkpoint_every))
             outputs.append(y_pred)
-        return _Segment(a, b, h_in, hidden, x, params)
+        return _Segment(a, b, h_in, hidden, x, params, _float_tensors(h_in), _float_tensors(hidden))
 
     def _clones(self) -> Params:
         # The graph saves the clones, never the parameters, so optimizer.step() may change the parameters
@@ -356,7 +359,7 @@ class RetainWindow:
         for seg, prev in zip(in_window[:0:-1], in_window[-2::-1]):
             pairs = [
                 (out, grad)
-                for out, grad in zip(_float_tensors(prev.h_out), _take_state_grad(seg.h_in))
+                for out, grad in zip(prev.out_leaves, _take_state_grad(seg.in_leaves))
                 if grad is not None and out.requires_grad
             ]
             if not pairs:
@@ -364,7 +367,7 @@ class RetainWindow:
             outs, grads = zip(*pairs)
             torch.autograd.backward(list(outs), list(grads), retain_graph=retain)
         for seg in in_window[:1]:
-            _take_state_grad(seg.h_in)  # the window start is held constant: drop what it collected
+            _take_state_grad(seg.in_leaves)  # the window start is held constant: drop what it collected
 
     def state_dict(self) -> Dict[str, Any]:
         """The retained segments as inputs, input states and parameter versions (graphs cannot be saved).
