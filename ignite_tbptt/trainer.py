@@ -208,19 +208,6 @@ def reset_state(engine: Engine) -> None:
     engine.carried_state.reset()
 
 
-def weighted_mean(losses: List[torch.Tensor], weights: List[int]) -> torch.Tensor:
-    """The chunk losses' mean weighted by their numbers of (step, sample) pairs, in two tensor ops per batch.
-
-    >>> weighted_mean([torch.tensor(1.0), torch.tensor(4.0)], [3, 1])
-    tensor(1.7500)
-    """
-    total = sum(weights)
-    if not total:
-        return torch.tensor(float("nan"))  # nothing in the batch was valid
-    stacked = torch.stack(losses)
-    return stacked @ torch.tensor(weights, dtype=stacked.dtype).to(stacked.device, non_blocking=True) / total
-
-
 def _reset_at_epoch_start(engine: Engine) -> None:
     # Not when a run resumes mid-epoch from a state_dict: the restored stream continues.
     state = engine.state
@@ -403,16 +390,19 @@ def supervised_tbptt_training_step(
         offset = stream.begin_batch(x, dim)
         chunks = plan_chunks(length, tbtt_step, k2, offset)
         distributed = idist.get_world_size() > 1 and not _is_ddp(model)  # averaged by hand before each step
-        losses, weights, predictions = [], [], []
+        total, total_weight, predictions = None, 0, []
         for chunk, later, rows, x_c, y_c in batch_chunks(chunks, x, y, offset, length, tbtt_step, k2, dim, stream.carry):
             y_pred, loss, weight = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed)
-            losses.append(loss)
-            weights.append(weight)
+            # One running sum, updated in place: keeping every chunk's loss alive until the batch ends would
+            # scatter small long-lived allocations between the chunks' activations and fragment the heap.
+            total = loss * weight if total is None else total.add_(loss, alpha=weight)
+            total_weight += weight
             if keep_predictions:
                 predictions.append(apply_to_tensor(y_pred, torch.Tensor.detach))
         stream.end_batch(length)
         y_pred = cat_time(predictions, dim) if predictions else None
-        return output_transform(x, y, y_pred, weighted_mean(losses, weights))
+        mean = total / total_weight if total_weight else torch.tensor(float("nan"))  # nan: nothing was valid
+        return output_transform(x, y, y_pred, mean)
 
     update.carried_state = stream  # type: ignore[attr-defined]
     return update
