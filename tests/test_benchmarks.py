@@ -25,12 +25,7 @@ overlap = load("overlap")  # puts benchmarks/ on sys.path for its bench_* module
 import bench_common as bc  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params_after(kind, k1, k2, run):

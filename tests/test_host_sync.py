@@ -37,13 +37,7 @@ HOST_METHODS = {"tolist", "numpy", "cpu", "__array__"}
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threads only add waiting, and make these tests slow on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _where() -> str:
