@@ -7,24 +7,23 @@ and carried state, so a stream is evaluated the way it is trained, with memory b
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
-from ignite.engine import Engine, Events, _prepare_batch
+from ignite.engine import Engine, _prepare_batch
 from ignite.metrics import Metric
 from torch import nn
 
 from ignite_tbptt import trainer
-from ignite_tbptt.events import Tbptt_Events, fire, register_tbptt_events, start_chunk
+from ignite_tbptt.events import Tbptt_Events, fire, start_chunk
 from ignite_tbptt.handlers import ChunkedEpochWise
 from ignite_tbptt.schedule import check_steps, plan_chunks
 from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.trainer import (
     CarriedState,
-    TbpttEngine,
     _amp_context,
     _device_type,
-    _reset_at_epoch_start,
     batch_chunks,
     chunk_sequence,
     split_batch,
+    tbptt_engine,
 )
 from ignite_tbptt.window import RecomputeWindow, default_model_fn
 
@@ -142,11 +141,7 @@ def create_supervised_tbptt_evaluator(
         model, tbtt_step, dim, device, non_blocking, prepare_batch, model_fn, output_transform, carry_state,
         amp_mode, hidden_batch_dim,
     )
-    engine = TbpttEngine(step)
-    register_tbptt_events(engine)
-    engine.carried_state = step.carried_state  # type: ignore[attr-defined]
-    if carry_state:
-        engine.add_event_handler(Events.EPOCH_STARTED, _reset_at_epoch_start)
+    engine = tbptt_engine(step, carry_state)
     for name, metric in (metrics or {}).items():
         metric.attach(engine, name, usage=ChunkedEpochWise())
     return engine

@@ -208,6 +208,17 @@ def reset_state(engine: Engine) -> None:
     engine.carried_state.reset()
 
 
+def tbptt_engine(step: Callable, carry_state: bool, engine_class: type = TbpttEngine) -> Engine:
+    """An engine running ``step`` (an update or evaluation step with a ``carried_state``), with the chunk events
+    registered and, when the state carries over, a fresh stream at every epoch start."""
+    engine = engine_class(step)
+    register_tbptt_events(engine)
+    engine.carried_state = step.carried_state  # type: ignore[attr-defined]
+    if carry_state:
+        engine.add_event_handler(Events.EPOCH_STARTED, _reset_at_epoch_start)
+    return engine
+
+
 def _reset_at_epoch_start(engine: Engine) -> None:
     # Not when a run resumes mid-epoch from a state_dict: the restored stream continues.
     state = engine.state
@@ -518,9 +529,4 @@ def create_supervised_tbptt_trainer(
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
         hidden_batch_dim, checkpoint_every,
     )
-    engine = (DeterministicTbpttEngine if deterministic else TbpttEngine)(step)
-    register_tbptt_events(engine)
-    engine.carried_state = step.carried_state  # type: ignore[attr-defined]
-    if carry_state:
-        engine.add_event_handler(Events.EPOCH_STARTED, _reset_at_epoch_start)
-    return engine
+    return tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
