@@ -237,9 +237,3 @@ class GateTrack:
 
     def load_state_dict(self, saved: List[Tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]]) -> None:
         self.gates = [Gate(*g) for g in saved]
-
-
-def detached(value: Any) -> Any:
-    """``value`` (any nesting of tensors) with every tensor cut from its graph, for saving."""
-    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, value)
-

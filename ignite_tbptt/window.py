@@ -21,12 +21,13 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from ignite.utils import apply_to_tensor
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from ignite_tbptt.schedule import Chunk, checkpoint_cuts, segment_spans
-from ignite_tbptt.sequences import Gate, GateTrack, detached
+from ignite_tbptt.sequences import Gate, GateTrack
 
 __all__ = ["default_model_fn", "RecomputeWindow", "RetainWindow"]
 
@@ -58,6 +59,11 @@ def cat_time(pieces: List[Any], dim: int) -> Any:
     flat = [tree_flatten(p) for p in pieces]
     leaves = [torch.cat(parts, dim) for parts in zip(*(leaves for leaves, _ in flat))]
     return tree_unflatten(leaves, flat[0][1])
+
+
+def detached(value: Any) -> Any:
+    """A state, inputs or parameters (any nesting of tensors, or ``None``) cut from their graph, for saving."""
+    return None if value is None else apply_to_tensor(value, torch.Tensor.detach)
 
 
 def run_span(gates: GateTrack, forward: Callable, x: torch.Tensor, hidden: Any, start: int, checkpointed: bool) -> Any:
