@@ -104,10 +104,8 @@ def chunk_sequence(
 
     The weight is the number of (step, sample) pairs the chunk's loss averages over.
     """
-    if info is None:
-        return [Gate(chunk.start, None, None)], None, chunk.length * batch_size_of(x, dim)
-    gates = chunk_gates(info, rows, chunk.start, x.device)
-    if info.valid is None:
+    gates = [Gate(chunk.start, None, None)] if info is None else chunk_gates(info, rows, chunk.start, x.device)
+    if info is None or info.valid is None:
         return gates, None, chunk.length * batch_size_of(x, dim)
     valid = info.valid[rows]
     weight = int(valid.sum())  # a host tensor: no device sync
