@@ -85,6 +85,8 @@ def later_window_starts(chunk: Chunk, batch_stop: int, k1: int, k2: int, stream:
     [8]
     """
     overlap = k2 - k1
+    if not overlap:
+        return []  # every window is its own chunk: none reaches back
     limit = chunk.stop + overlap  # a chunk starting here or later has its window start at or past chunk.stop
     starts: Iterable[int] = range(chunk.start + k1, min(batch_stop, limit), k1)
     if stream:

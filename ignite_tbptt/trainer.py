@@ -90,11 +90,13 @@ def batch_chunks(
     chunks: List[Chunk], x: torch.Tensor, y: torch.Tensor, offset: int, length: int, k1: int, k2: int, dim: int,
     carry: bool,
 ) -> Iterator[Tuple[Chunk, List[int], slice, torch.Tensor, torch.Tensor]]:
-    """Each chunk of a batch with its later window starts, its rows in the batch and its slices of ``x``, ``y``."""
-    for chunk in chunks:
+    """Each chunk of a batch with its later window starts, its rows in the batch and its slices of ``x``, ``y``.
+
+    The chunks tile the batch every ``k1`` steps from its first row, so one ``split`` gives every slice.
+    """
+    for chunk, x_c, y_c in zip(chunks, x.split(k1, dim), y.split(k1, dim)):
         later = later_window_starts(chunk, offset + length, k1, k2, stream=carry)
-        rows = slice(chunk.start - offset, chunk.stop - offset)
-        yield chunk, later, rows, x.narrow(dim, rows.start, chunk.length), y.narrow(dim, rows.start, chunk.length)
+        yield chunk, later, slice(chunk.start - offset, chunk.stop - offset), x_c, y_c
 
 
 def chunk_sequence(
@@ -381,7 +383,8 @@ def supervised_tbptt_training_step(
         gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
         start_chunk(engine, chunk, num_chunks, weight)
         count = getattr(engine.state, TIME_ITERATION_ATTR)
-        model.train()
+        if not model.training:  # a chunk handler ran an evaluation; train() walks every submodule: not per chunk
+            model.train()
         if (count - 1) % accumulate == 0:
             optimizer.zero_grad()
         with autocast():
@@ -399,6 +402,7 @@ def supervised_tbptt_training_step(
         offset = stream.begin_batch(x, dim)
         chunks = plan_chunks(length, tbtt_step, k2, offset)
         distributed = idist.get_world_size() > 1 and not _is_ddp(model)  # averaged by hand before each step
+        model.train()
         total, total_weight, predictions = None, 0, []
         for chunk, later, rows, x_c, y_c in batch_chunks(chunks, x, y, offset, length, tbtt_step, k2, dim, stream.carry):
             y_pred, loss, weight = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed)

@@ -43,6 +43,8 @@ def default_model_fn(model: nn.Module, x: torch.Tensor, hidden: Optional[Hidden]
 def call_model(model_fn: ModelFn, model: Any, x: torch.Tensor, hidden: Optional[Hidden]) -> Tuple[Any, Hidden]:
     """Run ``model_fn`` and check that it returned ``(y_pred, hidden)``."""
     out = model_fn(model, x, hidden)
+    if type(out) is tuple and len(out) == 2:  # the usual case, checked before the slower Sequence check
+        return out
     if not (isinstance(out, Sequence) and not isinstance(out, (str, bytes)) and len(out) == 2):
         raise TypeError(
             "the model must return a pair (y_pred, hidden), got "
