@@ -146,9 +146,12 @@ class RecomputeWindow:
         checkpoint_every: Optional[int] = None,
     ) -> None:
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.checkpointed = checkpoint_every, bool(checkpoint_every)
         self.inputs, self.gates = _Inputs(dim), GateTrack(hidden_batch_dim)
         self.reset()
+
+    def _call(self, x: torch.Tensor, hidden: Optional[Hidden]) -> Tuple[Any, Hidden]:
+        return call_model(self.model_fn, self.model, x, hidden)
 
     def reset(self) -> None:
         """Start a fresh stream at position 0: no state, no inputs."""
@@ -164,14 +167,13 @@ class RecomputeWindow:
         # start, and the next chunk always starts where the schedule expected it.
         hidden = None if self.hidden is None else self.detach(self.hidden)
         next_start = later_starts[0] if later_starts else chunk.stop
-        run = lambda x_span, h: call_model(self.model_fn, self.model, x_span, h)  # noqa: E731
         outputs = []
         cuts = [
             chunk.start, next_start, *self.gates.cuts(self.state_at, chunk.stop),
             *checkpoint_cuts(self.state_at, chunk.stop, self.checkpoint_every),
         ]
         for a, b in segment_spans(self.state_at, chunk.stop, cuts):
-            y_pred, hidden = run_span(self.gates, run, self.inputs.over(a, b), hidden, a, bool(self.checkpoint_every))
+            y_pred, hidden = run_span(self.gates, self._call, self.inputs.over(a, b), hidden, a, self.checkpointed)
             if a >= chunk.start:
                 outputs.append(y_pred)
             if b == next_start:
