@@ -239,3 +239,17 @@ def test_bad_batches_fail_before_any_parameter_changes(model, batch, dim, error,
         make_trainer(model, tbtt_step=2, dim=dim).run([batch])
     for name, value in params_of(model).items():
         assert torch.equal(value, before[name])
+
+
+@pytest.mark.parametrize("overlap", ["recompute", "retain"])
+def test_every_chunk_trains_in_train_mode_after_an_evaluation_in_a_chunk_handler(overlap):
+    model = make_model("LSTM")
+    modes = []
+    model.register_forward_pre_hook(lambda m, args: modes.append((m.training, m.rnn.training)))
+    trainer = create_supervised_tbptt_trainer(
+        model, torch.optim.SGD(model.parameters(), 0.1), nn.MSELoss(), 2, k2=3, overlap=overlap
+    )
+    trainer.add_event_handler(Tbptt_Events.TIME_ITERATION_COMPLETED(every=2), lambda _: model.eval())
+    model.eval()  # left in evaluation mode before the run: the batch starts in train mode anyway
+    trainer.run([make_data(8)] * 2)
+    assert modes and all(m == (True, True) for m in modes), modes
