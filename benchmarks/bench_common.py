@@ -7,7 +7,6 @@ All data is ``(time, batch, features)``.
 
 import copy
 import os
-import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, List, Sequence, Tuple
@@ -212,23 +211,27 @@ def floor_parts(model, loss_fn, x, y, k1, sync) -> Tuple[float, float]:
 FLOOR = "compute floor"
 
 
-def interleaved(contenders: Dict[str, Callable[[], Any]], rounds: int, sync) -> Dict[str, float]:
-    """Median seconds of each contender over ``rounds`` round-robin rounds, after one warm-up round.
+def interleaved(
+    contenders: Dict[str, Callable[[], Callable[[], Any]]], rounds: int, sync
+) -> Dict[str, List[float]]:
+    """Seconds of each contender in each of ``rounds`` round-robin rounds, after one warm-up round.
 
-    A contender that returns a number reports its own time (the compute floor); the others are timed here.
+    A contender is a setup function returning the run to time; it is set up anew, untimed, every round. A run
+    that returns a number reports its own time (the compute floor); the others are timed here.
     """
-    for fn in contenders.values():
-        fn()
+    for setup in contenders.values():
+        setup()()
         sync()
     times: Dict[str, List[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
-        for name, fn in contenders.items():
+        for name, setup in contenders.items():
+            fn = setup()
             sync()
             start = time.perf_counter()
             reported = fn()
             sync()
             times[name].append(reported if isinstance(reported, float) else time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def fresh_copies(base: nn.Module, lr: float = 1e-3):
