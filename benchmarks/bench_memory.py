@@ -221,7 +221,27 @@ def checkpoint_section(args) -> str:
         f"fresh process{'' if args.quick else ', one process at a time'}; memory as in the memory section, "
         f"times under --malloc {args.malloc}"
     )
-    return title + "\n\n" + bc.markdown_table(header, rows)
+    return title + "\n\n" + bc.markdown_table(header, rows) + "\n\n" + retain_bound_note(args, k1, k2, T)
+
+
+def retain_bound_note(args, k1: int, k2: int, T: int) -> str:
+    """The least time ratio checkpointing can reach with ``retain``, from this model's forward and backward times.
+
+    ``retain`` runs each step forward once and backpropagates it ``r = k2 / k1`` times: ``F + r B``. With
+    checkpointing every one of those backward passes first re-runs the forward pass of the segment it reaches,
+    since nothing is kept between updates: ``F + r (F + B)``.
+    """
+    device = args.device
+    x, y = bc.make_data(T, args.mem_batch, args.n_in, device)
+    model = bc.make_model("lstm", args.n_in, args.mem_hidden, device)
+    parts = [bc.floor_parts(model, nn.MSELoss(), x, y, k1, bc.synchronizer(device)) for _ in range(3)]
+    f, b = min(p[0] for p in parts), min(p[1] for p in parts)
+    r = k2 / k1
+    return (
+        f"Forward F = {f:.2f} s and backward B = {b:.2f} s over the batch (chunked by k1, fastest of 3): retain "
+        f"with checkpointing cannot take less than (F + r (F + B)) / (F + r B) = {(f + r * (f + b)) / (f + r * b):.2f}x "
+        f"the time of retain without it, r = k2 / k1 = {r:g}."
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

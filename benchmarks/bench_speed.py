@@ -146,13 +146,13 @@ def section(args) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, --quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 11, --quick 1)")
     parser.add_argument("--T", type=int, default=None, help="time steps per batch (default 400, --quick 16)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 32, --quick 2)")
 
 
 def resolve(args) -> None:
-    defaults = {"rounds": (9, 1), "T": (400, 16), "batch": (32, 2)}
+    defaults = {"rounds": (11, 1), "T": (400, 16), "batch": (32, 2)}
     for name, (full, quick) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)

@@ -92,11 +92,13 @@ def batch_chunks(
 ) -> Iterator[Tuple[Chunk, List[int], slice, torch.Tensor, torch.Tensor]]:
     """Each chunk of a batch with its later window starts, its rows in the batch and its slices of ``x``, ``y``.
 
-    The chunks tile the batch every ``k1`` steps from its first row, so one ``split`` gives every slice.
+    The slices are made one chunk at a time (not by one ``split``): ``T / k1`` views made up front take memory
+    that grows with ``T``, about 1 KiB each.
     """
-    for chunk, x_c, y_c in zip(chunks, x.split(k1, dim), y.split(k1, dim)):
+    for chunk in chunks:
         later = later_window_starts(chunk, offset + length, k1, k2, stream=carry)
-        yield chunk, later, slice(chunk.start - offset, chunk.stop - offset), x_c, y_c
+        rows = slice(chunk.start - offset, chunk.stop - offset)
+        yield chunk, later, rows, x.narrow(dim, rows.start, chunk.length), y.narrow(dim, rows.start, chunk.length)
 
 
 def chunk_sequence(
