@@ -39,8 +39,8 @@ def contenders_for(fresh, loss_fn, x, y, k1: int, k2: int, sync) -> Dict[str, Ca
     """Each contender as a setup function: it builds a fresh model (and trainer) and returns the run to time.
 
     Every round sets each contender up afresh, so no contender keeps one memory layout of its model for the
-    whole case: a layout that happens to be slow (cache-set conflicts moved one contender by 5 to 10% for a
-    whole process) is one round among several, which the median discards.
+    whole case: a layout that happens to be slow (one moved a contender by 5 to 10% for a whole process) is
+    one round among several instead of all of them.
     """
 
     def engine(factory, **kw):
