@@ -68,7 +68,8 @@ def test_quick_run_prints_every_table(capsys):
     overlap.main(["--quick", "--sections", "speed,memory"])
     out = capsys.readouterr().out
     for line in ("| model | k1 | k2 | contender | s/batch | ratio | ratio of medians | x floor |", "hand-written retain",
-                 "ignite_tbptt retain", "ignite trainer", "floor: fwd + (k2/k1) bwd", "inputs growth MiB"):
+                 "ignite_tbptt retain", "ignite trainer", "floor: fwd + (k2/k1) bwd", "inputs growth MiB",
+                 "hand-written loop, again", "hand-written recompute, again"):
         assert line in out, out
 
 
@@ -80,3 +81,17 @@ def test_quick_checkpoint_section(capsys, monkeypatch):
     overlap.main(["--quick", "--sections", "checkpoint"])
     out = capsys.readouterr().out
     assert ("memory ratio" in out) != ("skipped" in out), out
+
+
+def test_instruction_totals_are_read_from_a_callgrind_dump(tmp_path):
+    dump = tmp_path / "callgrind.out.1"
+    dump.write_text("version: 1\ncmd: python\nevents: Ir\nfn=main\n1 5\ntotals: 123456\n")
+    assert overlap.bench_instructions.dump_total(str(dump)) == 123456
+    dump.write_text("events: Ir\nfn=main\n1 5\n")
+    with pytest.raises(ValueError, match="no instruction total"):
+        overlap.bench_instructions.dump_total(str(dump))
+
+
+def test_instructions_section_skips_without_valgrind(monkeypatch):
+    monkeypatch.setattr(overlap.bench_instructions.shutil, "which", lambda name: None)
+    assert "skipped" in overlap.bench_instructions.section(None)
