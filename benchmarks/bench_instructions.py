@@ -92,7 +92,7 @@ def run(cases: Sequence[Tuple[str, int, int]], T: int, batch: int, n_in: int, hi
 def section(args) -> str:
     if shutil.which("valgrind") is None:
         return "Instructions: skipped, valgrind is not installed."
-    cases = bench_speed.QUICK_CASES if args.quick else CASES
+    cases = getattr(args, "cases", None) or (bench_speed.QUICK_CASES if args.quick else CASES)
     hidden = {k: 16 for k in bench_speed.HIDDEN} if args.quick else bench_speed.HIDDEN
     T = args.instructions_T
     rows = run(cases, T, args.batch, args.n_in, hidden, os.cpu_count() or 1)
@@ -125,6 +125,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n-in", type=int, default=16, help="input features")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 32, --quick 2)")
+    parser.add_argument("--cases", type=bench_speed.parse_cases, default=None,
+                        help="model:k1:k2, comma-separated (default: the GRUCell cases of the speed table)")
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.batch = args.batch or (2 if args.quick else 32)

@@ -137,7 +137,7 @@ HEADER = ["model", "k1", "k2", "contender", "s/batch", "ratio", "ratio of median
 
 
 def section(args) -> str:
-    cases = QUICK_CASES if args.quick else FULL_CASES
+    cases = args.cases or (QUICK_CASES if args.quick else FULL_CASES)
     hidden = {k: 16 for k in HIDDEN} if args.quick else HIDDEN
     rows = run(args.device, args.T, args.batch, args.n_in, args.rounds, cases, hidden, args.malloc,
                getattr(args, "threads", None))
@@ -154,6 +154,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 11, --quick 1)")
     parser.add_argument("--T", type=int, default=None, help="time steps per batch (default 400, --quick 16)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 32, --quick 2)")
+    parser.add_argument("--cases", type=parse_cases, default=None,
+                        help="speed cases as model:k1:k2, comma-separated, e.g. gru:2:40,lstm:20:20 (default: all)")
+
+
+def parse_cases(text: str) -> List[Tuple[str, int, int]]:
+    """``"gru:2:40,lstm:20:20"`` -> ``[("gru", 2, 40), ("lstm", 20, 20)]``."""
+    cases = []
+    for item in text.replace(",", " ").split():
+        kind, *steps = item.split(":")
+        if kind not in HIDDEN or len(steps) != 2 or not all(v.isdigit() and int(v) > 0 for v in steps):
+            raise argparse.ArgumentTypeError(f"bad case {item!r}: expected model:k1:k2 with model in {sorted(HIDDEN)}")
+        k1, k2 = map(int, steps)
+        if k2 < k1:
+            raise argparse.ArgumentTypeError(f"bad case {item!r}: k2 must be >= k1")
+        cases.append((kind, k1, k2))
+    return cases
 
 
 def resolve(args) -> None:
