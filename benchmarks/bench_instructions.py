@@ -13,7 +13,7 @@ step-wise GRUCell cases are counted: there the trainer's Python work weighs most
 spends its instructions in the same matrix kernels for every contender and runs 50 times slower under
 valgrind, several minutes per contender.
 
-    python benchmarks/bench_instructions.py                 # about 12 minutes on 2 cores
+    python benchmarks/bench_instructions.py                 # about 11 minutes on 2 cores
     python benchmarks/overlap.py --sections instructions    # the same table
 """
 
@@ -49,7 +49,7 @@ def count_case(case: Tuple[str, int, int], T: int, batch: int, n_in: int, hidden
         for name, setup in contenders.items():
             setup()()  # warm-up: first-call costs (allocator, dispatcher caches) are not the contender's
             run = setup()
-            torch._C._valgrind_toggle()
+            torch._C._valgrind_toggle()  # callgrind's client requests, as torch.utils.benchmark uses them
             run()
             torch._C._valgrind_toggle_and_dump_stats()  # one dump per contender; callgrind zeroes the counts
             names.write(name + "\n")
@@ -69,7 +69,8 @@ def run_case(case: Tuple[str, int, int], T: int, batch: int, n_in: int, hidden: 
     """The table rows of one case, counted in a valgrind process of its own."""
     with tempfile.TemporaryDirectory() as tmp:
         names, base = os.path.join(tmp, "names"), os.path.join(tmp, "callgrind.out")
-        worker = [sys.executable, os.path.abspath(__file__), "--worker", *map(str, (*case, T, batch, n_in, hidden)), names]
+        numbers = map(str, (*case, T, batch, n_in, hidden))
+        worker = [sys.executable, os.path.abspath(__file__), "--worker", *numbers, names]
         command = ["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={base}", *worker]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -83,7 +84,10 @@ def run_case(case: Tuple[str, int, int], T: int, batch: int, n_in: int, hidden: 
     ]
 
 
-def run(cases: Sequence[Tuple[str, int, int]], T: int, batch: int, n_in: int, hidden: dict, jobs: int) -> List[List[str]]:
+def run(
+    cases: Sequence[Tuple[str, int, int]], T: int, batch: int, n_in: int, hidden: dict, jobs: int
+) -> List[List[str]]:
+    """The rows of every case, ``jobs`` valgrind processes at a time."""
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(run_case, case, T, batch, n_in, hidden[case[0]]) for case in cases]
         return [row for future in futures for row in future.result()]

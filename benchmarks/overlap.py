@@ -19,7 +19,7 @@ Sections (each is also a script of its own):
 - ``checkpoint`` (``bench_memory.py``): peak memory and time at ``k2 = 2000`` with and without the trainer's
   activation-checkpointing option; skipped when the trainer has none.
 - ``instructions`` (``bench_instructions.py``, only when named): the speed table's contenders counted in
-  instructions by valgrind's callgrind (GRUCell cases), exact where times are noisy; about 12 minutes, skipped
+  instructions by valgrind's callgrind (GRUCell cases), exact where times are noisy; about 11 minutes, skipped
   without valgrind.
 """
 
