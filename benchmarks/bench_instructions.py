@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
 import bench_common as bc
 import bench_speed
@@ -40,10 +39,7 @@ CASES = [case for case in bench_speed.FULL_CASES if case[0] == "gru"]
 def count_case(case: Tuple[str, int, int], T: int, batch: int, n_in: int, hidden: int, out: str) -> None:
     """In the valgrind process: count every contender of ``case``, one callgrind dump each, in table order."""
     torch.set_num_threads(1)
-    kind, k1, k2 = case
-    x, y = bc.make_data(T, batch, n_in, torch.device("cpu"))
-    base = bc.make_model(kind, n_in, hidden, torch.device("cpu"))
-    contenders = bench_speed.contenders_for(bc.fresh_copies(base), nn.MSELoss(), x, y, k1, k2, lambda: None)
+    contenders = bench_speed.case_contenders(torch.device("cpu"), T, batch, n_in, case, hidden, lambda: None)
     del contenders[bc.FLOOR]  # times parts of a run on its own: nothing to count
     with open(out, "w") as names:
         for name, setup in contenders.items():
@@ -97,7 +93,7 @@ def section(args) -> str:
     if shutil.which("valgrind") is None:
         return "Instructions: skipped, valgrind is not installed."
     cases = getattr(args, "cases", None) or (bench_speed.QUICK_CASES if args.quick else CASES)
-    hidden = {k: 16 for k in bench_speed.HIDDEN} if args.quick else bench_speed.HIDDEN
+    hidden = bench_speed.hidden_sizes(args.quick)
     T = args.instructions_T
     rows = run(cases, T, args.batch, args.n_in, hidden, os.cpu_count() or 1)
     title = (

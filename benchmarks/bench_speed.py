@@ -84,6 +84,21 @@ def contenders_for(fresh, loss_fn, x, y, k1: int, k2: int, sync) -> Dict[str, Ca
     return contenders
 
 
+def case_contenders(
+    device: torch.device, T: int, batch: int, n_in: int, case: Tuple[str, int, int], hidden: int, sync
+) -> Dict[str, Callable[[], Callable[[], Any]]]:
+    """The contenders of one case (:func:`contenders_for`) on its batch and copies of its model."""
+    kind, k1, k2 = case
+    x, y = bc.make_data(T, batch, n_in, device)
+    base = bc.make_model(kind, n_in, hidden, device)
+    return contenders_for(bc.fresh_copies(base), nn.MSELoss(), x, y, k1, k2, sync)
+
+
+def hidden_sizes(quick: bool) -> Dict[str, int]:
+    """Hidden size per model kind: the table's, or toy sizes for ``--quick``."""
+    return {k: 16 for k in HIDDEN} if quick else HIDDEN
+
+
 def run_case(
     device: torch.device, T: int, batch: int, n_in: int, rounds: int, case: Tuple[str, int, int], hidden: int,
     malloc: str, threads: Optional[int],
@@ -95,10 +110,7 @@ def run_case(
         torch.set_num_threads(threads)
     kind, k1, k2 = case
     sync = bc.synchronizer(device)
-    x, y = bc.make_data(T, batch, n_in, device)
-    base = bc.make_model(kind, n_in, hidden, device)
-    contenders = contenders_for(bc.fresh_copies(base), nn.MSELoss(), x, y, k1, k2, sync)
-    times = bc.interleaved(contenders, rounds, sync)
+    times = bc.interleaved(case_contenders(device, T, batch, n_in, case, hidden, sync), rounds, sync)
     # The fastest round is the contender's own cost: other processes and unlucky memory layouts only ever add
     # time. The ratio of medians is there to show that the ranking does not hang on one lucky round.
     best = {name: min(ts) for name, ts in times.items()}
@@ -138,7 +150,7 @@ HEADER = ["model", "k1", "k2", "contender", "s/batch", "ratio", "ratio of median
 
 def section(args) -> str:
     cases = args.cases or (QUICK_CASES if args.quick else FULL_CASES)
-    hidden = {k: 16 for k in HIDDEN} if args.quick else HIDDEN
+    hidden = hidden_sizes(args.quick)
     rows = run(args.device, args.T, args.batch, args.n_in, args.rounds, cases, hidden, args.malloc,
                getattr(args, "threads", None))
     title = (

@@ -12,13 +12,12 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping,
 import ignite.distributed as idist
 import torch
 from ignite.engine import DeterministicEngine, Engine, Events, _prepare_batch
-from ignite.utils import apply_to_tensor
 from torch import nn
 
 from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, register_tbptt_events, start_chunk
 from ignite_tbptt.schedule import Chunk, check_steps, later_window_starts, plan_chunks
 from ignite_tbptt.sequences import Gate, SequenceInfo, chunk_gates, masked_pair, parse_sequence_info
-from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn
+from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
 
 __all__ = [
     "Tbptt_Events",
@@ -43,7 +42,7 @@ def _detach_hidden(hidden: Any) -> Any:
     >>> _detach_hidden((h, [h])).__class__.__name__, _detach_hidden(h).requires_grad
     ('tuple', False)
     """
-    return apply_to_tensor(hidden, torch.Tensor.detach)
+    return detached(hidden)
 
 
 def _default_output_transform(x: Any, y: Any, y_pred: Any, loss: torch.Tensor) -> float:
@@ -401,7 +400,7 @@ def supervised_tbptt_training_step(
         # Only detached predictions leave: a y_pred still attached would keep this chunk's autograd graph alive
         # through the next chunk's forward pass, whose graph then fills fresh memory instead of the cache-warm
         # memory this one frees (4 to 9% slower for a GRUCell loop on CPU at k1 = 2).
-        return apply_to_tensor(y_pred, torch.Tensor.detach) if keep_predictions else None, engine.state.output, weight
+        return detached(y_pred) if keep_predictions else None, engine.state.output, weight
 
     def update(engine: Engine, batch: Any) -> Any:
         x, y, info, length = split_batch(batch, dim)

@@ -146,7 +146,7 @@ class RecomputeWindow:
         checkpoint_every: Optional[int] = None,
     ) -> None:
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
-        self.checkpoint_every, self.checkpointed = checkpoint_every, bool(checkpoint_every)
+        self.checkpoint_every = checkpoint_every
         self.inputs, self.gates = _Inputs(dim), GateTrack(hidden_batch_dim)
         self.reset()
 
@@ -173,7 +173,7 @@ class RecomputeWindow:
             *checkpoint_cuts(self.state_at, chunk.stop, self.checkpoint_every),
         ]
         for a, b in segment_spans(self.state_at, chunk.stop, cuts):
-            y_pred, hidden = run_span(self.gates, self._call, self.inputs.over(a, b), hidden, a, self.checkpointed)
+            y_pred, hidden = run_span(self.gates, self._call, self.inputs.over(a, b), hidden, a, bool(self.checkpoint_every))
             if a >= chunk.start:
                 outputs.append(y_pred)
             if b == next_start:
