@@ -11,21 +11,14 @@ from ignite.engine import Engine, _prepare_batch
 from ignite.metrics import Metric
 from torch import nn
 
-from ignite_tbptt import trainer
+from ignite_tbptt.amp import amp_context, device_type
+from ignite_tbptt.batches import batch_chunks, chunk_sequence, split_batch
+from ignite_tbptt.carry import CarriedState, tbptt_engine
 from ignite_tbptt.events import Tbptt_Events, fire, start_chunk
 from ignite_tbptt.handlers import ChunkedEpochWise
 from ignite_tbptt.schedule import check_steps, plan_chunks
 from ignite_tbptt.sequences import masked_pair
-from ignite_tbptt.trainer import (
-    CarriedState,
-    _amp_context,
-    _device_type,
-    batch_chunks,
-    chunk_sequence,
-    split_batch,
-    tbptt_engine,
-)
-from ignite_tbptt.window import RecomputeWindow, default_model_fn
+from ignite_tbptt.window import RecomputeWindow, default_model_fn, detached
 
 __all__ = ["create_supervised_tbptt_evaluator", "supervised_tbptt_evaluation_step"]
 
@@ -54,8 +47,8 @@ def supervised_tbptt_evaluation_step(
         >>> evaluator = Engine(supervised_tbptt_evaluation_step(model, tbtt_step=10))
     """
     check_steps(tbtt_step, tbtt_step)
-    autocast = _amp_context(amp_mode, _device_type(device, model))
-    window = RecomputeWindow(model, model_fn, lambda hidden: trainer._detach_hidden(hidden), dim, hidden_batch_dim)
+    autocast = amp_context(amp_mode, device_type(device, model))
+    window = RecomputeWindow(model, model_fn, detached, dim, hidden_batch_dim)
     stream = CarriedState(window, carry_state)
 
     def evaluate(engine: Engine, batch: Any) -> Any:

@@ -4,19 +4,20 @@ The data flows one way: batch -> chunks (:mod:`ignite_tbptt.schedule`) -> window
 (:mod:`ignite_tbptt.window`) -> optimizer step -> chunk events.
 """
 
-import contextlib
-import warnings
-from collections import OrderedDict
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import ignite.distributed as idist
 import torch
-from ignite.engine import DeterministicEngine, Engine, Events, _prepare_batch
+from ignite.engine import Engine, _prepare_batch
 from torch import nn
 
-from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, register_tbptt_events, start_chunk
-from ignite_tbptt.schedule import Chunk, check_steps, later_window_starts, plan_chunks
-from ignite_tbptt.sequences import Gate, SequenceInfo, chunk_gates, masked_pair, parse_sequence_info
+from ignite_tbptt.amp import amp_context, device_type, grad_scaler
+from ignite_tbptt.batches import batch_chunks, chunk_sequence, split_batch
+from ignite_tbptt.carry import CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine
+from ignite_tbptt.distributed import average_gradients, is_ddp
+from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk
+from ignite_tbptt.schedule import Chunk, check_steps, plan_chunks
+from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
 
 __all__ = [
@@ -28,9 +29,6 @@ __all__ = [
 ]
 
 OVERLAP_MODES = {"recompute": RecomputeWindow, "retain": RetainWindow}
-
-#: The key of the carried stream in the trainer's ``state_dict()``.
-CARRIED_STATE_KEY = "tbptt_carried_state"
 
 
 def _detach_hidden(hidden: Any) -> Any:
@@ -49,236 +47,11 @@ def _default_output_transform(x: Any, y: Any, y_pred: Any, loss: torch.Tensor) -
     return loss.item()
 
 
-def batch_size_of(x: torch.Tensor, dim: int) -> int:
-    """The batch size of ``x`` in Ignite's layout: axis 1 for ``dim=0``, axis 0 otherwise (1 if unbatched)."""
-    return x.shape[1 if dim == 0 else 0] if x.dim() > 1 else 1
-
-
-def split_batch(batch: Any, dim: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[SequenceInfo], int]:
-    """Check a batch ``(x, y)`` or ``(x, y, sequence_info)`` sharing a time axis ``dim``; return it and ``T``.
-
-    ``sequence_info`` is a dict with ``"lengths"``, ``"mask"`` and/or ``"resets"`` (see
-    :mod:`ignite_tbptt.sequences`). Raises ``TypeError`` or ``ValueError`` naming the problem, before anything
-    runs.
-
-    >>> split_batch((torch.zeros(5, 2), torch.zeros(4, 2)), dim=0)
-    Traceback (most recent call last):
-    ...
-    ValueError: x and y must have the same length along the time axis dim=0, got 5 and 4
-    """
-    if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence) or len(batch) not in (2, 3):
-        kind = f"a sequence of length {len(batch)}" if isinstance(batch, Sequence) else type(batch).__name__
-        raise TypeError(f"a batch must be an (x, y) pair or an (x, y, sequence_info) triple, got {kind}")
-    x, y = batch[0], batch[1]
-    for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor with a time axis, got {type(t).__name__}")
-        if not -t.dim() <= dim < t.dim():
-            raise ValueError(f"time axis dim={dim} is out of range for {name} with shape {tuple(t.shape)}")
-    if x.shape[dim] != y.shape[dim]:
-        raise ValueError(
-            f"x and y must have the same length along the time axis dim={dim}, got {x.shape[dim]} and {y.shape[dim]}"
-        )
-    if x.shape[dim] == 0:
-        raise ValueError(f"x and y have no time steps along dim={dim}")
-    info = parse_sequence_info(batch[2], x, dim) if len(batch) == 3 else None
-    return x, y, info, x.shape[dim]
-
-
-def batch_chunks(
-    chunks: List[Chunk], x: torch.Tensor, y: torch.Tensor, offset: int, length: int, k1: int, k2: int, dim: int,
-    carry: bool,
-) -> Iterator[Tuple[Chunk, List[int], slice, torch.Tensor, torch.Tensor]]:
-    """Each chunk of a batch with its later window starts, its rows in the batch and its slices of ``x``, ``y``.
-
-    The slices are made one chunk at a time (not by one ``split``): ``T / k1`` views made up front take memory
-    that grows with ``T``, about 1 KiB each.
-    """
-    for chunk in chunks:
-        later = later_window_starts(chunk, offset + length, k1, k2, stream=carry)
-        rows = slice(chunk.start - offset, chunk.stop - offset)
-        yield chunk, later, rows, x.narrow(dim, rows.start, chunk.length), y.narrow(dim, rows.start, chunk.length)
-
-
-def chunk_sequence(
-    info: Optional[SequenceInfo], rows: slice, chunk: Chunk, x: torch.Tensor, dim: int
-) -> Tuple[List[Gate], Optional[torch.Tensor], int]:
-    """A chunk's gates, its validity mask in the layout of ``x`` (``None``: all valid) and its loss weight.
-
-    The weight is the number of (step, sample) pairs the chunk's loss averages over.
-    """
-    gates = [Gate(chunk.start, None, None)] if info is None else chunk_gates(info, rows, chunk.start, x.device)
-    if info is None or info.valid is None:
-        return gates, None, chunk.length * batch_size_of(x, dim)
-    valid = info.valid[rows]
-    weight = int(valid.sum())  # a host tensor: no device sync
-    return gates, (valid if dim == 0 else valid.t()).to(x.device), weight
-
-
-class CarriedState:
-    """Where the trained stream stands: the backprop window (state, inputs or graphs) and the stream position.
-
-    Without ``carry`` every batch starts afresh, as in Ignite. With it, batches continue one stream, and
-    the state starts afresh only on :meth:`reset`, which the trainer calls at every epoch start, or when the
-    batch size changes (with a warning), since the carried state no longer matches the batch. It is saved
-    in the engine's ``state_dict()``, so a run resumed from a checkpoint continues the stream exactly.
-    """
-
-    def __init__(self, window: Any, carry: bool) -> None:
-        self.window, self.carry = window, carry
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the carried state: the next batch starts a fresh stream."""
-        self.window.reset()
-        self.position, self.batch_size = 0, None
-
-    def begin_batch(self, x: torch.Tensor, dim: int) -> int:
-        """Prepare for a batch ``x`` with time axis ``dim``; return its start position in the stream."""
-        batch_size = batch_size_of(x, dim)
-        if not self.carry:
-            self.reset()
-        elif self.batch_size is not None and batch_size != self.batch_size:
-            warnings.warn(
-                f"carry_state: the batch size changed from {self.batch_size} to {batch_size}; "
-                "the carried state does not fit this batch and starts afresh",
-                stacklevel=2,
-            )
-            self.reset()
-        self.batch_size = batch_size
-        return self.position
-
-    def end_batch(self, length: int) -> None:
-        """Move the stream position past a finished batch of ``length`` steps."""
-        self.position += length
-
-    def state_dict(self) -> Optional[Dict[str, Any]]:
-        """The stream position and window, or ``None`` when nothing carries over to the next batch."""
-        if not self.carry:
-            return None
-        return {"position": self.position, "batch_size": self.batch_size, "window": self.window.state_dict()}
-
-    def load_state_dict(self, saved: Optional[Dict[str, Any]]) -> None:
-        self.reset()
-        if saved is not None and self.carry:
-            self.position, self.batch_size = saved["position"], saved["batch_size"]
-            self.window.load_state_dict(saved["window"])
-
-
-class _CarriedStateEngineMixin:
-    """Saves ``engine.carried_state`` in ``state_dict()`` (so ``Checkpoint`` keeps it) and restores it."""
-
-    carried_state: CarriedState
-
-    def state_dict(self) -> "OrderedDict[str, Any]":
-        saved = super().state_dict()  # type: ignore[misc]
-        saved[CARRIED_STATE_KEY] = self.carried_state.state_dict()
-        return saved
-
-    def load_state_dict(self, state_dict: Mapping) -> None:
-        state_dict = dict(state_dict)
-        carried = state_dict.pop(CARRIED_STATE_KEY, None)
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        self.carried_state.load_state_dict(carried)
-
-
-class TbpttEngine(_CarriedStateEngineMixin, Engine):
-    """The trainer's ``Engine``: Ignite's, with the carried stream in ``state_dict()``."""
-
-
-class DeterministicTbpttEngine(_CarriedStateEngineMixin, DeterministicEngine):
-    """The trainer's engine for ``deterministic=True``: Ignite's ``DeterministicEngine`` plus the carried stream.
-
-    Resumed mid-epoch from a checkpoint, it replays the data from the right batch and the stream from the
-    right state, so the run continues exactly as the uninterrupted one.
-    """
-
-
-def reset_state(engine: Engine) -> None:
-    """Handler that makes the trainer's next batch start a fresh stream (no carried state or window).
-
-    Example:
-        >>> import torch
-        >>> from ignite.engine import Events
-        >>> model = torch.nn.RNN(1, 1)
-        >>> trainer = create_supervised_tbptt_trainer(
-        ...     model, torch.optim.SGD(model.parameters(), 0.1), torch.nn.MSELoss(), tbtt_step=5, carry_state=True
-        ... )
-        >>> _ = trainer.add_event_handler(Events.ITERATION_STARTED(every=10), reset_state)  # every 10 batches
-    """
-    engine.carried_state.reset()
-
-
-def tbptt_engine(step: Callable, carry_state: bool, engine_class: type = TbpttEngine) -> Engine:
-    """An engine running ``step`` (an update or evaluation step with a ``carried_state``), with the chunk events
-    registered and, when the state carries over, a fresh stream at every epoch start."""
-    engine = engine_class(step)
-    register_tbptt_events(engine)
-    engine.carried_state = step.carried_state  # type: ignore[attr-defined]
-    if carry_state:
-        engine.add_event_handler(Events.EPOCH_STARTED, _reset_at_epoch_start)
-    return engine
-
-
-def _reset_at_epoch_start(engine: Engine) -> None:
-    # Not when a run resumes mid-epoch from a state_dict: the restored stream continues.
-    state = engine.state
-    if state.epoch_length is None or state.iteration == (state.epoch - 1) * state.epoch_length:
-        reset_state(engine)
-
-
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def _device_type(device: Optional[Union[str, torch.device]], model: Any) -> str:
-    if device is not None:
-        return torch.device(device).type
-    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-    return "cpu" if param is None else param.device.type
-
-
-def _amp_context(amp_mode: Optional[str], device_type: str) -> Callable[[], ContextManager]:
-    """``torch.autocast`` for the device (float16 on CUDA, bfloat16 on CPU), or nothing without AMP."""
-    if amp_mode is None:
-        return contextlib.nullcontext
-    if amp_mode != "amp":
-        raise ValueError(f'amp_mode must be None or "amp", got {amp_mode!r}')
-    return lambda: torch.autocast(device_type=device_type)
-
-
-def _grad_scaler(scaler: Union[bool, "torch.amp.GradScaler"], amp_mode: Optional[str], device_type: str) -> Any:
-    if scaler is False or scaler is None:
-        return None
-    if amp_mode != "amp":
-        raise ValueError('a scaler needs amp_mode="amp"')
-    if scaler is True:
-        return torch.amp.GradScaler(device_type)
-    if not isinstance(scaler, torch.amp.GradScaler):
-        raise TypeError(f"scaler must be a bool or a torch.amp.GradScaler, got {type(scaler).__name__}")
-    return scaler
-
-
-def _is_ddp(model: Any) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
-def average_gradients(model: nn.Module) -> None:
-    """Average the parameters' gradients across processes (``ignite.distributed``), in one all-reduce.
-
-    A parameter without a gradient counts as zero, so that every process joins the same reduction.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    flat = idist.all_reduce(flat) / idist.get_world_size()
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
 
 
 def supervised_tbptt_training_step(
@@ -333,15 +106,15 @@ def supervised_tbptt_training_step(
         _check_positive_int("checkpoint_every", checkpoint_every)
     if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
-    if _is_ddp(model) and overlap == "retain" and k2 > tbtt_step:
+    if is_ddp(model) and overlap == "retain" and k2 > tbtt_step:
         raise ValueError(
             'overlap="retain" with k2 > tbtt_step backpropagates each forward pass in several backward calls, '
             "which DistributedDataParallel cannot reduce; pass the plain model (the trainer then averages the "
             'gradients across processes itself) or use overlap="recompute"'
         )
-    device_type = _device_type(device, model)
-    autocast = _amp_context(amp_mode, device_type)
-    grad_scaler = _grad_scaler(scaler, amp_mode, device_type)
+    on = device_type(device, model)
+    autocast = amp_context(amp_mode, on)
+    scaler = grad_scaler(scaler, amp_mode, on)
     accumulate = gradient_accumulation_steps
     # Looked up at call time so that a test can patch the module-level _detach_hidden.
     detach = lambda hidden: _detach_hidden(hidden)  # noqa: E731
@@ -354,7 +127,7 @@ def supervised_tbptt_training_step(
         nonlocal has_grads
         if loss is not None:
             loss = loss / accumulate if accumulate > 1 else loss
-            loss = grad_scaler.scale(loss) if grad_scaler is not None else loss
+            loss = scaler.scale(loss) if scaler is not None else loss
             has_grads = True
         window.backward(loss)
 
@@ -365,14 +138,14 @@ def supervised_tbptt_training_step(
         has_grads = False
         if distributed:
             average_gradients(model)
-        if grad_scaler is not None:
-            grad_scaler.unscale_(optimizer)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         fire(engine, Tbptt_Events.GRADIENTS_COMPUTED)
         if clip_grad_norm is not None:
             engine.state.grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        if grad_scaler is not None:
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
             optimizer.step()
 
@@ -406,7 +179,7 @@ def supervised_tbptt_training_step(
         x, y, info, length = split_batch(batch, dim)
         offset = stream.begin_batch(x, dim)
         chunks = plan_chunks(length, tbtt_step, k2, offset)
-        distributed = idist.get_world_size() > 1 and not _is_ddp(model)  # averaged by hand before each step
+        distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
         model.train()
         total, total_weight, predictions = None, 0, []
         for chunk, later, rows, x_c, y_c in batch_chunks(chunks, x, y, offset, length, tbtt_step, k2, dim, stream.carry):

@@ -7,7 +7,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
 from ignite_tbptt import create_supervised_tbptt_trainer
-from ignite_tbptt.trainer import CARRIED_STATE_KEY
+from ignite_tbptt.carry import CARRIED_STATE_KEY
 from tests.models import make_data, make_model
 
 K1, K2 = 3, 7  # windows reach across batch boundaries

@@ -1,0 +1,80 @@
+"""Batches and their chunks: the checks on a batch, its chunk slices, and each chunk's gates and loss weight.
+
+Both factories, the trainer and the evaluator, read their batches through these functions, so a batch means
+the same to both: ``(x, y)`` or ``(x, y, sequence_info)`` sharing a time axis ``dim``.
+"""
+
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from ignite_tbptt.schedule import Chunk, later_window_starts
+from ignite_tbptt.sequences import Gate, SequenceInfo, chunk_gates, parse_sequence_info
+
+__all__ = ["batch_chunks", "batch_size_of", "chunk_sequence", "split_batch"]
+
+
+def batch_size_of(x: torch.Tensor, dim: int) -> int:
+    """The batch size of ``x`` in Ignite's layout: axis 1 for ``dim=0``, axis 0 otherwise (1 if unbatched)."""
+    return x.shape[1 if dim == 0 else 0] if x.dim() > 1 else 1
+
+
+def split_batch(batch: Any, dim: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[SequenceInfo], int]:
+    """Check a batch ``(x, y)`` or ``(x, y, sequence_info)`` sharing a time axis ``dim``; return it and ``T``.
+
+    ``sequence_info`` is a dict with ``"lengths"``, ``"mask"`` and/or ``"resets"`` (see
+    :mod:`ignite_tbptt.sequences`). Raises ``TypeError`` or ``ValueError`` naming the problem, before anything
+    runs.
+
+    >>> split_batch((torch.zeros(5, 2), torch.zeros(4, 2)), dim=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: x and y must have the same length along the time axis dim=0, got 5 and 4
+    """
+    if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence) or len(batch) not in (2, 3):
+        kind = f"a sequence of length {len(batch)}" if isinstance(batch, Sequence) else type(batch).__name__
+        raise TypeError(f"a batch must be an (x, y) pair or an (x, y, sequence_info) triple, got {kind}")
+    x, y = batch[0], batch[1]
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor with a time axis, got {type(t).__name__}")
+        if not -t.dim() <= dim < t.dim():
+            raise ValueError(f"time axis dim={dim} is out of range for {name} with shape {tuple(t.shape)}")
+    if x.shape[dim] != y.shape[dim]:
+        raise ValueError(
+            f"x and y must have the same length along the time axis dim={dim}, got {x.shape[dim]} and {y.shape[dim]}"
+        )
+    if x.shape[dim] == 0:
+        raise ValueError(f"x and y have no time steps along dim={dim}")
+    info = parse_sequence_info(batch[2], x, dim) if len(batch) == 3 else None
+    return x, y, info, x.shape[dim]
+
+
+def batch_chunks(
+    chunks: List[Chunk], x: torch.Tensor, y: torch.Tensor, offset: int, length: int, k1: int, k2: int, dim: int,
+    carry: bool,
+) -> Iterator[Tuple[Chunk, List[int], slice, torch.Tensor, torch.Tensor]]:
+    """Each chunk of a batch with its later window starts, its rows in the batch and its slices of ``x``, ``y``.
+
+    The slices are made one chunk at a time (not by one ``split``): ``T / k1`` views made up front take memory
+    that grows with ``T``, about 1 KiB each.
+    """
+    for chunk in chunks:
+        later = later_window_starts(chunk, offset + length, k1, k2, stream=carry)
+        rows = slice(chunk.start - offset, chunk.stop - offset)
+        yield chunk, later, rows, x.narrow(dim, rows.start, chunk.length), y.narrow(dim, rows.start, chunk.length)
+
+
+def chunk_sequence(
+    info: Optional[SequenceInfo], rows: slice, chunk: Chunk, x: torch.Tensor, dim: int
+) -> Tuple[List[Gate], Optional[torch.Tensor], int]:
+    """A chunk's gates, its validity mask in the layout of ``x`` (``None``: all valid) and its loss weight.
+
+    The weight is the number of (step, sample) pairs the chunk's loss averages over.
+    """
+    gates = [Gate(chunk.start, None, None)] if info is None else chunk_gates(info, rows, chunk.start, x.device)
+    if info is None or info.valid is None:
+        return gates, None, chunk.length * batch_size_of(x, dim)
+    valid = info.valid[rows]
+    weight = int(valid.sum())  # a host tensor: no device sync
+    return gates, (valid if dim == 0 else valid.t()).to(x.device), weight

@@ -1,0 +1,134 @@
+"""Carried state and the engines that save it: where the trained stream stands between batches.
+
+:class:`CarriedState` holds the backprop window and the stream position; the engine classes put it in
+``state_dict()``, so that ``Checkpoint`` keeps it and a resumed run continues the stream exactly.
+:func:`tbptt_engine` builds the trainer's and the evaluator's engine around a step function.
+"""
+
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from ignite.engine import DeterministicEngine, Engine, Events
+
+from ignite_tbptt.batches import batch_size_of
+from ignite_tbptt.events import register_tbptt_events
+
+__all__ = ["CARRIED_STATE_KEY", "CarriedState", "DeterministicTbpttEngine", "TbpttEngine", "reset_state", "tbptt_engine"]
+
+#: The key of the carried stream in the trainer's ``state_dict()``.
+CARRIED_STATE_KEY = "tbptt_carried_state"
+
+
+class CarriedState:
+    """Where the trained stream stands: the backprop window (state, inputs or graphs) and the stream position.
+
+    Without ``carry`` every batch starts afresh, as in Ignite. With it, batches continue one stream, and
+    the state starts afresh only on :meth:`reset`, which the trainer calls at every epoch start, or when the
+    batch size changes (with a warning), since the carried state no longer matches the batch. It is saved
+    in the engine's ``state_dict()``, so a run resumed from a checkpoint continues the stream exactly.
+    """
+
+    def __init__(self, window: Any, carry: bool) -> None:
+        self.window, self.carry = window, carry
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the carried state: the next batch starts a fresh stream."""
+        self.window.reset()
+        self.position, self.batch_size = 0, None
+
+    def begin_batch(self, x: torch.Tensor, dim: int) -> int:
+        """Prepare for a batch ``x`` with time axis ``dim``; return its start position in the stream."""
+        batch_size = batch_size_of(x, dim)
+        if not self.carry:
+            self.reset()
+        elif self.batch_size is not None and batch_size != self.batch_size:
+            warnings.warn(
+                f"carry_state: the batch size changed from {self.batch_size} to {batch_size}; "
+                "the carried state does not fit this batch and starts afresh",
+                stacklevel=2,
+            )
+            self.reset()
+        self.batch_size = batch_size
+        return self.position
+
+    def end_batch(self, length: int) -> None:
+        """Move the stream position past a finished batch of ``length`` steps."""
+        self.position += length
+
+    def state_dict(self) -> Optional[Dict[str, Any]]:
+        """The stream position and window, or ``None`` when nothing carries over to the next batch."""
+        if not self.carry:
+            return None
+        return {"position": self.position, "batch_size": self.batch_size, "window": self.window.state_dict()}
+
+    def load_state_dict(self, saved: Optional[Dict[str, Any]]) -> None:
+        self.reset()
+        if saved is not None and self.carry:
+            self.position, self.batch_size = saved["position"], saved["batch_size"]
+            self.window.load_state_dict(saved["window"])
+
+
+class _CarriedStateEngineMixin:
+    """Saves ``engine.carried_state`` in ``state_dict()`` (so ``Checkpoint`` keeps it) and restores it."""
+
+    carried_state: CarriedState
+
+    def state_dict(self) -> "OrderedDict[str, Any]":
+        saved = super().state_dict()  # type: ignore[misc]
+        saved[CARRIED_STATE_KEY] = self.carried_state.state_dict()
+        return saved
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        state_dict = dict(state_dict)
+        carried = state_dict.pop(CARRIED_STATE_KEY, None)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self.carried_state.load_state_dict(carried)
+
+
+class TbpttEngine(_CarriedStateEngineMixin, Engine):
+    """The trainer's ``Engine``: Ignite's, with the carried stream in ``state_dict()``."""
+
+
+class DeterministicTbpttEngine(_CarriedStateEngineMixin, DeterministicEngine):
+    """The trainer's engine for ``deterministic=True``: Ignite's ``DeterministicEngine`` plus the carried stream.
+
+    Resumed mid-epoch from a checkpoint, it replays the data from the right batch and the stream from the
+    right state, so the run continues exactly as the uninterrupted one.
+    """
+
+
+def reset_state(engine: Engine) -> None:
+    """Handler that makes the trainer's next batch start a fresh stream (no carried state or window).
+
+    Example:
+        >>> import torch
+        >>> from ignite.engine import Events
+        >>> from ignite_tbptt import create_supervised_tbptt_trainer
+        >>> model = torch.nn.RNN(1, 1)
+        >>> trainer = create_supervised_tbptt_trainer(
+        ...     model, torch.optim.SGD(model.parameters(), 0.1), torch.nn.MSELoss(), tbtt_step=5, carry_state=True
+        ... )
+        >>> _ = trainer.add_event_handler(Events.ITERATION_STARTED(every=10), reset_state)  # every 10 batches
+    """
+    engine.carried_state.reset()
+
+
+def tbptt_engine(step: Callable, carry_state: bool, engine_class: type = TbpttEngine) -> Engine:
+    """An engine running ``step`` (an update or evaluation step with a ``carried_state``), with the chunk events
+    registered and, when the state carries over, a fresh stream at every epoch start."""
+    engine = engine_class(step)
+    register_tbptt_events(engine)
+    engine.carried_state = step.carried_state  # type: ignore[attr-defined]
+    if carry_state:
+        engine.add_event_handler(Events.EPOCH_STARTED, _reset_at_epoch_start)
+    return engine
+
+
+def _reset_at_epoch_start(engine: Engine) -> None:
+    # Not when a run resumes mid-epoch from a state_dict: the restored stream continues.
+    state = engine.state
+    if state.epoch_length is None or state.iteration == (state.epoch - 1) * state.epoch_length:
+        reset_state(engine)
