@@ -1,5 +1,6 @@
 """Truncated backpropagation through time, TBPTT(k1, k2), for PyTorch-Ignite."""
 
+from ignite_tbptt.data import StreamBatches
 from ignite_tbptt.evaluator import create_supervised_tbptt_evaluator, supervised_tbptt_evaluation_step
 from ignite_tbptt.events import Tbptt_Events
 from ignite_tbptt.handlers import ChunkedBatchWise, ChunkedEpochWise, ChunkProgressBar, ChunkUpdated, ChunkWise, TbpttLoss
@@ -8,6 +9,7 @@ from ignite_tbptt.trainer import create_supervised_tbptt_trainer, reset_state, s
 
 __all__ = [
     "Chunk",
+    "StreamBatches",
     "ChunkProgressBar",
     "ChunkUpdated",
     "ChunkWise",

@@ -72,7 +72,8 @@ def chunk_sequence(
 
     The weight is the number of (step, sample) pairs the chunk's loss averages over.
     """
-    gates = [Gate(chunk.start, None, None)] if info is None else chunk_gates(info, rows, chunk.start, x.device)
+    gated = info is not None and info.gated
+    gates = chunk_gates(info, rows, chunk.start, x.device) if gated else [Gate(chunk.start, None, None)]
     if info is None or info.valid is None:
         return gates, None, chunk.length * batch_size_of(x, dim)
     valid = info.valid[rows]

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from ignite.engine import DeterministicEngine, Engine, Events
+from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from ignite_tbptt.batches import batch_size_of
 from ignite_tbptt.events import register_tbptt_events
@@ -38,9 +39,15 @@ class CarriedState:
         """Forget the carried state: the next batch starts a fresh stream."""
         self.window.reset()
         self.position, self.batch_size = 0, None
+        self.data_position: Optional[int] = None  # where the data's next batch must start, if its batches say
 
-    def begin_batch(self, x: torch.Tensor, dim: int) -> int:
-        """Prepare for a batch ``x`` with time axis ``dim``; return its start position in the stream."""
+    def begin_batch(self, x: torch.Tensor, dim: int, data_position: Optional[int] = None) -> int:
+        """Prepare for a batch ``x`` with time axis ``dim``; return its start position in the stream.
+
+        ``data_position`` is the batch's first step in the data's stream (sequence info ``"position"``), if the
+        batch carries it. Carrying state, a batch that does not start where the previous one stopped raises a
+        ``ValueError`` before anything runs.
+        """
         batch_size = batch_size_of(x, dim)
         if not self.carry:
             self.reset()
@@ -51,23 +58,36 @@ class CarriedState:
                 stacklevel=2,
             )
             self.reset()
-        self.batch_size = batch_size
+        elif None not in (data_position, self.data_position) and data_position != self.data_position:
+            raise ValueError(
+                f"carry_state: this batch starts at step {data_position} of its stream, but the carried state "
+                f"stands at step {self.data_position}: a skipped, repeated or reordered batch would carry the state "
+                "across unrelated steps. Feed the batches in order (a run resumed mid-epoch needs "
+                "deterministic=True, and epoch_length must not exceed the data), or run reset_state first"
+            )
+        self.batch_size, self.data_position = batch_size, data_position
         return self.position
 
     def end_batch(self, length: int) -> None:
         """Move the stream position past a finished batch of ``length`` steps."""
         self.position += length
+        if self.data_position is not None:
+            self.data_position += length
 
     def state_dict(self) -> Optional[Dict[str, Any]]:
         """The stream position and window, or ``None`` when nothing carries over to the next batch."""
         if not self.carry:
             return None
-        return {"position": self.position, "batch_size": self.batch_size, "window": self.window.state_dict()}
+        return {
+            "position": self.position, "batch_size": self.batch_size, "data_position": self.data_position,
+            "window": self.window.state_dict(),
+        }
 
     def load_state_dict(self, saved: Optional[Dict[str, Any]]) -> None:
         self.reset()
         if saved is not None and self.carry:
             self.position, self.batch_size = saved["position"], saved["batch_size"]
+            self.data_position = saved.get("data_position")
             self.window.load_state_dict(saved["window"])
 
 
@@ -123,8 +143,33 @@ def tbptt_engine(step: Callable, carry_state: bool, engine_class: type = TbpttEn
     register_tbptt_events(engine)
     engine.carried_state = step.carried_state  # type: ignore[attr-defined]
     if carry_state:
+        engine.add_event_handler(Events.STARTED, _warn_if_shuffled)
         engine.add_event_handler(Events.EPOCH_STARTED, _reset_at_epoch_start)
     return engine
+
+
+_RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+def _shuffling_sampler(data: Any) -> Optional[str]:
+    """The name of a ``DataLoader``'s sampler that reorders its samples, or ``None``."""
+    if not isinstance(data, DataLoader):
+        return None
+    for sampler in (data.sampler, getattr(data.batch_sampler, "sampler", None)):
+        if isinstance(sampler, _RANDOM_SAMPLERS) or getattr(sampler, "shuffle", False) is True:
+            return type(sampler).__name__
+    return None
+
+
+def _warn_if_shuffled(engine: Engine) -> None:
+    sampler = _shuffling_sampler(engine.state.dataloader)
+    if sampler is not None:
+        warnings.warn(
+            f"carry_state=True, but the DataLoader's {sampler} shuffles: row i of a batch does not continue row i "
+            "of the batch before, so the carried state flows into unrelated samples. Use "
+            "ignite_tbptt.data.StreamBatches (which shuffles whole documents between epochs) or shuffle=False",
+            stacklevel=2,
+        )
 
 
 def _reset_at_epoch_start(engine: Engine) -> None:

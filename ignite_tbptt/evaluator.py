@@ -53,7 +53,7 @@ def supervised_tbptt_evaluation_step(
 
     def evaluate(engine: Engine, batch: Any) -> Any:
         x, y, info, length = split_batch(batch, dim)
-        offset = stream.begin_batch(x, dim)
+        offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         chunks = plan_chunks(length, tbtt_step, tbtt_step, offset)
         model.eval()
         with torch.no_grad():

@@ -8,7 +8,10 @@ A batch may carry a third element, a dict of per-sample sequence information, ne
   for ``dim=1``): which steps are valid;
 - ``"resets"``: a boolean tensor ``(B,)`` (sample ``i`` starts a new sequence at the batch's first step) or
   in the layout of the mask (sample ``i`` starts a new sequence at that step: documents concatenated into
-  streams).
+  streams);
+- ``"position"``: an int, the batch's first step in its stream (:class:`~ignite_tbptt.data.StreamBatches` sets
+  it). With ``carry_state=True`` a batch must start where the previous one stopped, or the trainer raises an
+  error instead of carrying the state across unrelated steps.
 
 What the trainer and the evaluator make of it:
 
@@ -30,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["Gate", "GateTrack", "SequenceInfo", "parse_sequence_info", "chunk_gates", "masked_pair"]
 
-SEQUENCE_KEYS = ("lengths", "mask", "resets")
+SEQUENCE_KEYS = ("lengths", "mask", "resets", "position")
 
 
 class Gate(NamedTuple):
@@ -46,10 +49,19 @@ class Gate(NamedTuple):
 
 
 class SequenceInfo(NamedTuple):
-    """A batch's sequence information in time-major layout ``(T, B)``, on the host; ``None`` where absent."""
+    """A batch's sequence information in time-major layout ``(T, B)``, on the host; ``None`` where absent.
+
+    ``position`` is the batch's first step in its stream, where the batch says so.
+    """
 
     valid: Optional[torch.Tensor]
     resets: Optional[torch.Tensor]
+    position: Optional[int] = None
+
+    @property
+    def gated(self) -> bool:
+        """Whether some step is padding or a reset: the forward pass must be cut at change points."""
+        return self.valid is not None or self.resets is not None
 
 
 def _layout_check(name: str, t: Any, shape: Tuple[int, int], dim: int) -> torch.Tensor:
@@ -71,7 +83,7 @@ def parse_sequence_info(info: Any, x: torch.Tensor, dim: int) -> SequenceInfo:
     >>> parse_sequence_info({"length": torch.tensor([4, 2])}, x, dim=0)
     Traceback (most recent call last):
     ...
-    ValueError: unknown sequence info keys ['length']; expected some of ('lengths', 'mask', 'resets')
+    ValueError: unknown sequence info keys ['length']; expected some of ('lengths', 'mask', 'resets', 'position')
     """
     if not isinstance(info, Mapping):
         raise TypeError(f"the third element of a batch must be a dict of sequence info, got {type(info).__name__}")
@@ -101,7 +113,10 @@ def parse_sequence_info(info: Any, x: torch.Tensor, dim: int) -> SequenceInfo:
             resets = torch.cat([resets.cpu().unsqueeze(0), torch.zeros(length - 1, batch, dtype=torch.bool)])
         else:
             resets = _layout_check("resets", resets, shape, dim)
-    return SequenceInfo(valid, resets)
+    position = info.get("position")
+    if position is not None and (isinstance(position, bool) or not isinstance(position, int) or position < 0):
+        raise ValueError(f"sequence info 'position' must be an int >= 0, got {position!r}")
+    return SequenceInfo(valid, resets, position)
 
 
 def chunk_gates(info: SequenceInfo, rows: slice, start: int, device: Any) -> List[Gate]:

@@ -177,7 +177,7 @@ def supervised_tbptt_training_step(
 
     def update(engine: Engine, batch: Any) -> Any:
         x, y, info, length = split_batch(batch, dim)
-        offset = stream.begin_batch(x, dim)
+        offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         chunks = plan_chunks(length, tbtt_step, k2, offset)
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
         model.train()
