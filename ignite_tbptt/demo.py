@@ -1,23 +1,31 @@
 """The main job: a character-level LSTM language model trained with TBPTT on a real corpus.
 
-The text is cut into parallel streams fed as consecutive batches with ``carry_state=True``, so the hidden
-state flows through the whole corpus. A progress bar advances per chunk with the running loss (with tqdm
-installed), and held-out bits per character come from the chunked evaluator after every epoch. The default corpus is the English text of the Python documentation
-that ships with CPython (``pydoc_data.topics``); ``--text PATH ...`` trains on your own files instead.
-Nothing is downloaded.
+The text streams through :class:`~ignite_tbptt.StreamBatches` into parallel rows fed as consecutive batches
+with ``carry_state=True``, so the hidden state flows through the whole corpus. A progress bar advances per
+chunk with the running loss (with tqdm installed), and held-out bits per character come from the chunked
+evaluator after every epoch. The default corpus is the English text of the Python documentation that ships
+with CPython (``pydoc_data.topics``), as one document; ``--text PATH ...`` trains on your own files instead,
+each file a document (the state resets where a file starts). Nothing is downloaded.
+
+``--nproc N`` trains on ``N`` processes through ``ignite.distributed`` (gloo on the CPU, nccl on GPUs), each
+on ``batch-size / N`` of the rows; the same script runs under ``torchrun --nproc_per_node N``.
 
 Run it with ``python -m ignite_tbptt.demo`` (or the ``ignite-tbptt-demo`` console script)::
 
     python -m ignite_tbptt.demo --epochs 1 --k1 25 --k2 50 --overlap retain
+    python -m ignite_tbptt.demo --nproc 2
 """
 
 import argparse
 import math
+import os
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Loss
@@ -25,6 +33,7 @@ from torch import nn
 
 from ignite_tbptt import (
     ChunkProgressBar,
+    StreamBatches,
     TbpttLoss,
     Tbptt_Events,
     create_supervised_tbptt_evaluator,
@@ -48,40 +57,55 @@ class CharLSTM(nn.Module):
         return self.decode(out), hidden
 
 
-def load_text(paths: Optional[Sequence[str]]) -> str:
-    """The user's files joined, or the Python documentation topics shipped with CPython."""
+def load_documents(paths: Optional[Sequence[str]]) -> List[str]:
+    """The user's files, one document each, or the Python documentation topics shipped with CPython as one."""
     if not paths:
         from pydoc_data.topics import topics
 
-        return "\n".join(topics[k] for k in sorted(topics))
-    parts = []
+        return ["\n".join(topics[k] for k in sorted(topics))]
+    docs = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise ValueError(f"--text: no such file: {p}")
-        parts.append(path.read_text(encoding="utf-8", errors="replace"))
-    text = "\n".join(parts)
-    if len(text) < 1000:
-        raise ValueError(f"--text: need at least 1000 characters of text, got {len(text)}")
-    return text
+        docs.append(path.read_text(encoding="utf-8", errors="replace"))
+    total = sum(len(d) for d in docs)
+    if total < 1000:
+        raise ValueError(f"--text: need at least 1000 characters of text, got {total}")
+    return docs
 
 
-def batchify(ids: torch.Tensor, streams: int) -> torch.Tensor:
-    """Cut a 1-D token stream into ``streams`` parallel streams: shape ``(time, streams)``."""
-    length = ids.numel() // streams
-    return ids[: length * streams].view(streams, length).t().contiguous()
+class Corpus(NamedTuple):
+    """The encoded documents, split by position in the stream into training and held-out parts."""
+
+    vocab: List[str]
+    train: List[torch.Tensor]
+    valid: List[torch.Tensor]
+
+
+def split_stream(docs: List[torch.Tensor], at: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The documents before stream position ``at`` and those after it; a piece under 2 tokens is dropped."""
+    before, after, start = [], [], 0
+    for doc in docs:
+        cut = min(max(at - start, 0), len(doc))
+        before.append(doc[:cut])
+        after.append(doc[cut:])
+        start += len(doc)
+    keep = lambda pieces: [p for p in pieces if len(p) >= 2]  # noqa: E731
+    return keep(before), keep(after)
+
+
+def encode(texts: List[str], held_out: float = 0.05) -> Corpus:
+    """Character ids of the documents; the last ``held_out`` of the stream is the validation text."""
+    vocab = sorted(set().union(*texts))
+    index = {c: i for i, c in enumerate(vocab)}
+    docs = [torch.tensor([index[c] for c in text], dtype=torch.long) for text in texts]
+    train, valid = split_stream(docs, int(sum(len(d) for d in docs) * (1 - held_out)))
+    return Corpus(vocab, train, valid)
 
 
 def sequence_loss(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(y_pred.reshape(-1, y_pred.shape[-1]), y.reshape(-1))
-
-
-def stream_batches(data: torch.Tensor, seq_len: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive ``(input, next character)`` batches of ``seq_len`` steps over ``(time, streams)`` data."""
-    return [
-        (data[s : s + seq_len], data[s + 1 : s + 1 + seq_len])
-        for s in range(0, data.shape[0] - seq_len - 1, seq_len)
-    ]
 
 
 def flat_pair(x: torch.Tensor, y: torch.Tensor, y_pred: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -122,26 +146,33 @@ def sample(model: nn.Module, vocab: List[str], prompt: str, length: int, device:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m ignite_tbptt.demo")
-    parser.add_argument("--text", nargs="+", help="train on these text files instead of the Python docs")
+    parser.add_argument("--text", nargs="+", help="train on these text files (one document each) instead of the Python docs")
     parser.add_argument("--k1", type=int, default=25, help="time steps per update (tbtt_step)")
     parser.add_argument("--k2", type=int, default=None, help="time steps to backpropagate (default: k1)")
     parser.add_argument("--overlap", choices=["recompute", "retain"], default="recompute")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=256, help="LSTM hidden size")
-    parser.add_argument("--batch-size", type=int, default=32, help="parallel streams")
+    parser.add_argument("--batch-size", type=int, default=32, help="parallel streams, over all processes")
     parser.add_argument("--seq-len", type=int, default=200, help="time steps per batch")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shuffle", action="store_true", help="reorder the documents every epoch")
+    parser.add_argument("--nproc", type=int, default=1, help="processes to train on (ignite.distributed)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (with --nproc, one GPU per process)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", metavar="PATH", help="save the trained model's state_dict here")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     args = parser.parse_args(argv)
-    for name in ("k1", "epochs", "hidden", "batch_size", "seq_len"):
+    for name in ("k1", "epochs", "hidden", "batch_size", "seq_len", "nproc"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.k2 is not None and args.k2 < args.k1:
         parser.error(f"--k2 ({args.k2}) must be >= --k1 ({args.k1})")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.nproc > 1 and launched_by_torchrun():
+        parser.error("--nproc starts processes itself; under torchrun leave it out and use --nproc_per_node")
+    if args.batch_size % world_size(args):
+        parser.error(f"--batch-size ({args.batch_size}) must be divisible by the number of processes ({world_size(args)})")
     try:
         args.device = torch.device(args.device)
         torch.empty(0, device=args.device)
@@ -150,57 +181,96 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        text = load_text(args.text)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    torch.manual_seed(args.seed)
-    vocab = sorted(set(text))
-    index = {c: i for i, c in enumerate(vocab)}
-    ids = torch.tensor([index[c] for c in text], dtype=torch.long)
-    split = int(ids.numel() * 0.95)
-    train = batchify(ids[:split], args.batch_size).to(args.device)
-    valid = batchify(ids[split:], 8).to(args.device)
-    batches = stream_batches(train, args.seq_len)
-    if not batches:
-        print(f"error: the text is too short for --seq-len {args.seq_len}", file=sys.stderr)
-        return 2
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ)
 
-    model = CharLSTM(len(vocab), args.hidden).to(args.device)
+
+def world_size(args: argparse.Namespace) -> int:
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else args.nproc
+
+
+def validation_rows(world: int) -> int:
+    """Eight validation streams, or the nearest count that every process can share equally."""
+    return world * max(1, 8 // world)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(local_rank: int, args: argparse.Namespace, corpus: Corpus) -> None:
+    """One process' part of the run: its rows of every batch, gradients averaged across processes."""
+    world, first = idist.get_world_size(), idist.get_rank() == 0
+    device = idist.device() if args.device.type == "cuda" and world > 1 else args.device
+    say = print if first else (lambda *a, **k: None)
+    if device.type == "cpu" and world > 1 and idist.get_nproc_per_node() > 1:
+        # Processes sharing a machine share its cores: more threads than cores make every one of them wait.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // idist.get_nproc_per_node()))
+    torch.manual_seed(args.seed)  # the same initial model on every process
+    on_device = lambda docs: [d.to(device) for d in docs]  # noqa: E731
+    batches = StreamBatches(on_device(corpus.train), args.batch_size, args.seq_len, shuffle=args.shuffle, seed=args.seed)
+    valid_batches = StreamBatches(on_device(corpus.valid), validation_rows(world), args.seq_len)
+    model = CharLSTM(len(corpus.vocab), args.hidden).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     trainer = create_supervised_tbptt_trainer(
         model, optimizer, sequence_loss, tbtt_step=args.k1, k2=args.k2, overlap=args.overlap, carry_state=True
     )
-    TbpttLoss().attach(trainer, "loss")  # the epoch's training loss, over all its time steps
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: batches.set_epoch(engine.state.epoch - 1))
+    TbpttLoss().attach(trainer, "loss")  # the epoch's training loss, over all its time steps and processes
     evaluator = create_supervised_tbptt_evaluator(
         model, {"loss": Loss(sequence_loss)}, tbtt_step=args.k1 * 4, carry_state=True, output_transform=flat_pair
     )
-    valid_batches = stream_batches(valid, args.seq_len)
-    print(
-        f"corpus: {len(text):,} characters, vocabulary {len(vocab)}; {len(batches)} batches of "
-        f"{args.batch_size} x {args.seq_len}; TBPTT(k1={args.k1}, k2={args.k2 or args.k1}, {args.overlap})"
+    say(
+        f"corpus: {sum(map(len, corpus.train)) + sum(map(len, corpus.valid)):,} characters in "
+        f"{len(corpus.train)} document(s), vocabulary {len(corpus.vocab)}; {len(batches)} batches of "
+        f"{args.batch_size} x {args.seq_len}"
+        f"{f' on {world} processes' if world > 1 else ''}; TBPTT(k1={args.k1}, k2={args.k2 or args.k1}, {args.overlap})"
     )
-    attach_progress(trainer, every=200, bar=not args.no_progress)
+    if first:
+        attach_progress(trainer, every=200, bar=not args.no_progress)
     results = {}
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def evaluate(engine: Engine) -> None:
         results["train"] = engine.state.metrics["loss"] * LOG2E
         results["valid"] = evaluator.run(valid_batches).metrics["loss"] * LOG2E
-        print(f"epoch {engine.state.epoch}: train {results['train']:.3f}, validation {results['valid']:.3f} bits/char")
+        say(f"epoch {engine.state.epoch}: train {results['train']:.3f}, validation {results['valid']:.3f} bits/char")
 
     start = time.perf_counter()
     trainer.run(batches, max_epochs=args.epochs)
     elapsed = time.perf_counter() - start
-    tokens = sum(y.numel() for _, y in batches) * args.epochs
-    print(
+    tokens = batches.steps * args.batch_size * args.epochs
+    say(
         f"result: train {results['train']:.3f} bits/char, validation {results['valid']:.3f} bits/char, "
         f"{elapsed:.0f} s, {tokens / elapsed:,.0f} tokens/s"
     )
-    print("sample:", sample(model, vocab, "The ", 160, args.device).replace("\n", " "))
+    if first:
+        print("sample:", sample(model, corpus.vocab, "The ", 160, device).replace("\n", " "))
+        if args.save:
+            torch.save(model.state_dict(), args.save)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        corpus = encode(load_documents(args.text))
+        world = world_size(args)
+        for docs, rows in ((corpus.train, args.batch_size), (corpus.valid, validation_rows(world))):
+            StreamBatches(docs, rows, args.seq_len, rank=0, world_size=world)  # bad sizes fail here, not in a child
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    backend = "nccl" if args.device.type == "cuda" else "gloo"
+    if args.nproc > 1:
+        with idist.Parallel(backend=backend, nproc_per_node=args.nproc, master_port=free_port()) as parallel:
+            parallel.run(train, args, corpus)
+    elif launched_by_torchrun():
+        with idist.Parallel(backend=backend) as parallel:
+            parallel.run(train, args, corpus)
+    else:
+        train(0, args, corpus)
     return 0
 
 

@@ -17,16 +17,22 @@ def is_ddp(model: Any) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
-def average_gradients(model: nn.Module) -> None:
+def average_gradients(model: nn.Module, weight: float = 1.0) -> None:
     """Average the parameters' gradients across processes (``ignite.distributed``), in one all-reduce.
 
-    A parameter without a gradient counts as zero, so that every process joins the same reduction.
+    Each process' gradients count with its ``weight``, the number of loss terms they average (the trainer
+    passes the valid (step, sample) pairs since the last step). For a mean-reducing loss the result is then
+    the gradient of the mean over all processes' terms, as one process on the whole batch computes it, also
+    when padding or masked pairs leave the processes with different counts. Equal weights give the plain
+    mean. A parameter without a gradient counts as zero, so that every process joins the same reduction.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    flat = idist.all_reduce(flat) / idist.get_world_size()
+    grads = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = idist.all_reduce(torch.cat([grads * weight, grads.new_full((1,), weight)]))
+    total = flat[-1]
+    flat = flat[:-1] / torch.where(total > 0, total, torch.ones_like(total))  # no weight anywhere: zeros
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad.copy_(g.view_as(p))

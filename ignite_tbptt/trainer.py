@@ -121,23 +121,23 @@ def supervised_tbptt_training_step(
     window = OVERLAP_MODES[overlap](model, model_fn, detach, dim, hidden_batch_dim, checkpoint_every)
     stream = CarriedState(window, carry_state)
     keep_predictions = output_transform is not _default_output_transform
-    has_grads = False  # whether the current accumulation group backpropagated anything
+    group_weight = 0  # loss terms the current accumulation group backpropagated (0: nothing yet)
 
-    def backward(loss: Optional[torch.Tensor]) -> None:
-        nonlocal has_grads
+    def backward(loss: Optional[torch.Tensor], weight: int) -> None:
+        nonlocal group_weight
         if loss is not None:
             loss = loss / accumulate if accumulate > 1 else loss
             loss = scaler.scale(loss) if scaler is not None else loss
-            has_grads = True
+            group_weight += weight
         window.backward(loss)
 
     def optimizer_step(engine: Engine, distributed: bool) -> None:
-        nonlocal has_grads
-        if not (has_grads or distributed):
+        nonlocal group_weight
+        if not (group_weight or distributed):
             return  # nothing was valid: no update (a scaler could not step without gradients either)
-        has_grads = False
+        weight, group_weight = group_weight, 0
         if distributed:
-            average_gradients(model)
+            average_gradients(model, weight)  # weighted by loss terms: exact where padding differs by process
         if scaler is not None:
             scaler.unscale_(optimizer)
         fire(engine, Tbptt_Events.GRADIENTS_COMPUTED)
@@ -165,7 +165,7 @@ def supervised_tbptt_training_step(
         with autocast():
             y_pred = window.forward(chunk, later, x_t, gates)
             loss = loss_fn(*masked_pair(y_pred, y_t, valid)) if weight else None
-        backward(loss)
+        backward(loss, weight)
         if count % accumulate == 0:
             optimizer_step(engine, distributed)
         engine.state.output = loss.detach() if loss is not None else torch.zeros((), device=x_t.device)
@@ -248,7 +248,9 @@ def create_supervised_tbptt_trainer(
     - ``model_fn(model, x, hidden)`` adapts models with other call signatures; ``hidden`` is ``None`` on
       the first chunk. The hidden state may be any nesting of tuples, lists, dicts and namedtuples.
     - Under ``ignite.distributed`` with several processes and a plain model, gradients are averaged across
-      processes before every optimizer step; a ``DistributedDataParallel`` model reduces its own.
+      processes before every optimizer step, each process weighted by its valid (step, sample) pairs, so that
+      padded or masked shards train as one process on the whole batch; a ``DistributedDataParallel`` model
+      reduces its own (an unweighted mean).
 
     Args:
         model: the recurrent model: ``model(x)`` then ``model(x, hidden)``, returning ``(y_pred, hidden)``.

@@ -3,8 +3,18 @@
 import re
 
 import pytest
+import torch
 
 from ignite_tbptt import demo
+
+TOY = ["--epochs", "1", "--hidden", "16", "--seq-len", "20", "--batch-size", "4", "--k1", "5", "--no-progress"]
+
+
+def two_documents(tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    second.write_text("Pack my box with five dozen liquor jugs! " * 25)
+    return ["--text", str(first), str(second)]
 
 
 def test_tiny_run_prints_a_result_line(tmp_path, capsys):
@@ -29,6 +39,8 @@ def test_tiny_run_prints_a_result_line(tmp_path, capsys):
         (["--k1", "5", "--k2", "3"], r"--k2 \(3\) must be >= --k1 \(5\)"),
         (["--overlap", "keep"], "invalid choice"),
         (["--device", "nonsense"], "--device"),
+        (["--batch-size", "3", "--nproc", "2"], r"--batch-size \(3\) must be divisible by the number of processes \(2\)"),
+        (["--nproc", "0"], "--nproc must be >= 1"),
     ],
 )
 def test_bad_input_exits_with_a_message(args, message, capsys):
@@ -44,3 +56,22 @@ def test_empty_text_file(tmp_path, capsys):
     empty.write_text("")
     assert demo.main(["--text", str(empty)]) == 2
     assert "need at least 1000 characters" in capsys.readouterr().err
+
+
+def test_files_are_documents_and_the_run_matches_on_two_processes(tmp_path, capsys):
+    """The main job on 2 gloo processes (2 rows each) ends with the parameters of 1 process on all 4 rows."""
+    text = two_documents(tmp_path)
+    alone, pair = tmp_path / "alone.pt", tmp_path / "pair.pt"
+    assert demo.main(text + TOY + ["--k2", "8", "--save", str(alone)]) == 0
+    assert "in 2 document(s)" in capsys.readouterr().out
+    assert demo.main(text + TOY + ["--k2", "8", "--save", str(pair), "--nproc", "2"]) == 0
+    alone, pair = torch.load(alone), torch.load(pair)
+    for name, value in alone.items():
+        torch.testing.assert_close(pair[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_split_stream_cuts_the_documents_at_a_stream_position():
+    docs = [torch.arange(5), torch.arange(10, 13), torch.arange(20, 26)]
+    before, after = demo.split_stream(docs, 6)
+    assert [d.tolist() for d in before] == [[0, 1, 2, 3, 4]]  # the 1-token piece of the 2nd is dropped
+    assert [d.tolist() for d in after] == [[11, 12], [20, 21, 22, 23, 24, 25]]
