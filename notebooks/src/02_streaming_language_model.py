@@ -2,10 +2,10 @@
 # # Streaming language model: carried state, chunk events, progress and a loss curve
 #
 # A character-level LSTM language model reads the Python documentation that ships with CPython
-# (`pydoc_data.topics`) as **one long stream**: the text is cut into 32 parallel streams, and consecutive
-# batches continue them. With `carry_state=True` the hidden state (and, for `k2 > k1`, the backprop window)
-# carries from one batch to the next, as in Keras' `stateful=True` or PyTorch's word-language-model example.
-# Ignite's trainer resets the state at every batch.
+# (`pydoc_data.topics`, one document per topic) as **parallel streams**: `StreamBatches` lays the documents
+# end to end, cuts them into 32 rows, and consecutive batches continue the rows. With `carry_state=True` the
+# hidden state (and, for `k2 > k1`, the backprop window) carries from one batch to the next, as in Keras'
+# `stateful=True` or PyTorch's word-language-model example; Ignite's trainer resets the state at every batch.
 #
 # This notebook shows
 #
@@ -15,7 +15,7 @@
 # 3. held-out bits per character from the chunked evaluator, which walks the validation stream chunk by chunk
 #    with the state carried, and what is lost when the state is reset at every batch instead.
 #
-# It trains on half of the corpus for one epoch, to stay well under a minute on a 2-core CPU.
+# It trains on the corpus for one epoch, to stay well under a minute on a 2-core CPU.
 
 # %%
 import math
@@ -23,12 +23,14 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
+from ignite.engine import Events
 from ignite.metrics import Loss
 from pydoc_data.topics import topics
 
 from ignite_tbptt import (
     ChunkProgressBar,
     ChunkWise,
+    StreamBatches,
     TbpttLoss,
     Tbptt_Events,
     create_supervised_tbptt_evaluator,
@@ -41,31 +43,29 @@ BITS = 1 / math.log(2)  # nats -> bits
 # %% [markdown]
 # ## The stream
 #
-# Characters become integer ids. `batchify` lays the text out as `(time, streams)`: stream `j` is the `j`-th
-# slice of the text, and batch `i` holds steps `i * 100 .. (i + 1) * 100` of every stream, so batch `i + 1`
-# continues exactly where batch `i` stopped. The target is the next character.
+# Characters become integer ids, one tensor per topic. `StreamBatches` lays the topics out end to end as
+# `(time, rows)`: row `j` is the `j`-th slice of that text, and batch `i` holds steps `i * 100 .. (i + 1) * 100`
+# of every row, so batch `i + 1` continues exactly where batch `i` stopped. The target is the next character.
+# Where a topic starts inside a row, the batch carries a reset for that row (its state starts afresh) and the
+# one pair that would predict the new topic's first character from the old one's last is masked. With
+# `shuffle=True` the topics are reordered every epoch, whole, never the characters inside one; the order follows
+# `(seed, epoch)`, and `set_epoch` at every epoch start picks it. Every batch also carries its position in the
+# stream: a trainer with `carry_state=True` refuses a batch that does not continue the one before.
 
 # %%
-text = "\n".join(topics[k] for k in sorted(topics))
-text = text[: len(text) // 2]
-vocab = sorted(set(text))
+names = sorted(topics)
+vocab = sorted(set().union(*topics.values()))
 index = {c: i for i, c in enumerate(vocab)}
-ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+docs = [torch.tensor([index[c] for c in topics[name]], dtype=torch.long) for name in names]
+split = int(len(docs) * 0.9)
+train_batches = StreamBatches(docs[:split], batch_size=32, seq_len=100, shuffle=True, seed=0)
+valid_batches = StreamBatches(docs[split:], batch_size=8, seq_len=100)
+print(f"{sum(map(len, docs)):,} characters in {len(docs)} topics, vocabulary {len(vocab)}: {train_batches}")
 
-
-def batchify(ids, streams):
-    length = ids.numel() // streams
-    return ids[: length * streams].view(streams, length).t().contiguous()
-
-
-def stream_batches(data, seq_len):
-    return [(data[s : s + seq_len], data[s + 1 : s + 1 + seq_len]) for s in range(0, data.shape[0] - seq_len - 1, seq_len)]
-
-
-split = int(len(ids) * 0.9)
-train_batches = stream_batches(batchify(ids[:split], 32), 100)
-valid_batches = stream_batches(batchify(ids[split:], 8), 100)
-print(f"{len(text):,} characters, vocabulary {len(vocab)}: {len(train_batches)} training batches of 32 x 100")
+marks = [info for _, _, info in train_batches]
+resets = sum(int(info["resets"].sum()) for info in marks if "resets" in info)
+masked = sum(int((~info["mask"]).sum()) for info in marks if "mask" in info)
+print(f"an epoch: {resets} topic starts reset a row, {masked} pairs across two topics are masked")
 
 # %% [markdown]
 # ## Model and trainer
@@ -86,8 +86,8 @@ class CharLSTM(torch.nn.Module):
         return self.decode(out), hidden
 
 
-def sequence_loss(y_pred, y):
-    return torch.nn.functional.cross_entropy(y_pred.flatten(0, 1), y.flatten())
+def sequence_loss(y_pred, y):  # (time, rows, vocab) or, where pairs are masked, the valid ones: (pairs, vocab)
+    return torch.nn.functional.cross_entropy(y_pred.reshape(-1, y_pred.shape[-1]), y.reshape(-1))
 
 
 model = CharLSTM(len(vocab))
@@ -95,6 +95,7 @@ optimizer = torch.optim.Adam(model.parameters(), lr=4e-3)
 trainer = create_supervised_tbptt_trainer(
     model, optimizer, sequence_loss, tbtt_step=25, k2=50, overlap="retain", carry_state=True, clip_grad_norm=1.0
 )
+trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: train_batches.set_epoch(engine.state.epoch - 1))
 
 # %% [markdown]
 # ## Chunk-level reporting
@@ -138,11 +139,11 @@ plt.show()
 # from the state the previous one left, and updates its metrics after every chunk; memory holds one chunk's
 # activations. With `carry_state=True` the state also flows across batches, so the whole validation stream is
 # read as one text. With `carry_state=False` every batch starts from a zero state, as Ignite's trainer does,
-# and the model has to guess the start of every batch without context.
+# and the model has to guess the start of every batch without context. Topic starts reset the state in both.
 
 # %%
 def flat(x, y, y_pred):
-    return y_pred.flatten(0, 1), y.flatten()
+    return y_pred.reshape(-1, y_pred.shape[-1]), y.reshape(-1)
 
 
 results = {}
