@@ -91,8 +91,7 @@ def split_stream(docs: List[torch.Tensor], at: int) -> Tuple[List[torch.Tensor],
         before.append(doc[:cut])
         after.append(doc[cut:])
         start += len(doc)
-    keep = lambda pieces: [p for p in pieces if len(p) >= 2]  # noqa: E731
-    return keep(before), keep(after)
+    return [p for p in before if len(p) >= 2], [p for p in after if len(p) >= 2]
 
 
 def encode(texts: List[str], held_out: float = 0.05) -> Corpus:

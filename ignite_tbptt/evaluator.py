@@ -107,7 +107,8 @@ def create_supervised_tbptt_evaluator(
         model_fn: ``model_fn(model, x, hidden) -> (y_pred, hidden)``.
         output_transform: ``output_transform(x, y, y_pred)`` per chunk; the metrics see its result.
         carry_state: carry the state from one batch to the next (a stream in pieces); it starts afresh at
-            every run, when the batch size changes (with a warning) and whenever ``reset_state`` runs.
+            every run, when the batch size changes (with a warning) and whenever ``reset_state`` runs. As for
+            the trainer, a batch that carries its stream position must continue the stream.
         amp_mode: ``"amp"`` runs the model under ``torch.autocast``.
         hidden_batch_dim: the batch axis of the hidden-state tensors, for resets and padding.
 

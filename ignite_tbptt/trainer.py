@@ -269,7 +269,9 @@ def create_supervised_tbptt_trainer(
         carry_state: carry the hidden state, and for ``k2 > tbtt_step`` the backprop window, from one batch
             to the next, as if the batches were one long stream. The stream starts afresh at every epoch, when
             the batch size changes (with a warning), and whenever the :func:`reset_state` handler runs. The
-            carried state is ``engine.carried_state`` and is part of ``engine.state_dict()``.
+            carried state is ``engine.carried_state`` and is part of ``engine.state_dict()``. Batches that carry
+            their stream position (:class:`~ignite_tbptt.data.StreamBatches`) must continue the stream, or a
+            ``ValueError`` says which step was expected; a ``DataLoader`` whose sampler shuffles warns.
         deterministic: use Ignite's ``DeterministicEngine``, for exact resumption mid-epoch.
         amp_mode: ``"amp"`` runs forward and loss under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU).
         scaler: ``True`` or a ``torch.amp.GradScaler`` to scale the loss (with ``amp_mode="amp"``).

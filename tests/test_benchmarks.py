@@ -22,6 +22,7 @@ def load(name):
 
 
 overlap = load("overlap")  # puts benchmarks/ on sys.path for its bench_* modules
+bench_stream = load("bench_stream")
 import bench_common as bc  # noqa: E402
 
 
@@ -95,3 +96,12 @@ def test_instruction_totals_are_read_from_a_callgrind_dump(tmp_path):
 def test_instructions_section_skips_without_valgrind(monkeypatch):
     monkeypatch.setattr(overlap.bench_instructions.shutil, "which", lambda name: None)
     assert "skipped" in overlap.bench_instructions.section(None)
+
+
+def test_stream_benchmark_quick_run(capsys):
+    """The word-language-model loop computes what the main job computes, and every table prints."""
+    bench_stream.main(["--quick"])
+    out = capsys.readouterr().out
+    for line in ("| word-language-model loop | ", "| ignite_tbptt main job | ", "| one stream (the main job) | 5 |",
+                 "documents, shuffle=True | 5 |", "largest parameter difference after one epoch of each is 0.0e+00"):
+        assert line in out, out
