@@ -119,7 +119,7 @@ def check_layout(lengths, form, batch_size, seq_len, world_size, batch_first, sh
 
 @settings(max_examples=60, deadline=None)
 @given(
-    lengths=st.lists(st.integers(2, 30), min_size=1, max_size=8),
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=8),
     form=st.sampled_from(FORMS),
     rows_per_rank=st.integers(1, 3),
     world_size=st.integers(1, 3),
@@ -131,7 +131,10 @@ def check_layout(lengths, form, batch_size, seq_len, world_size, batch_first, sh
 )
 def test_layout_properties(lengths, form, rows_per_rank, world_size, seq_len, batch_first, shuffle, seed, epoch):
     batch_size = rows_per_rank * world_size
-    lengths = [len_ for len_ in lengths] if form != "tensor" else [sum(lengths)]
+    if form != "pairs":  # next-step targets need 2 steps per document; aligned pairs 1
+        lengths = [max(2, len_) for len_ in lengths]
+    if form == "tensor":
+        lengths = [sum(lengths)]
     if sum(lengths) // batch_size < 2:
         return
     kwargs = dict(batch_size=batch_size, seq_len=seq_len, batch_first=batch_first, shuffle=shuffle, seed=seed,
@@ -178,6 +181,8 @@ def test_an_epoch_builds_one_copy_and_batches_are_views():
         (([], 2, 4), {}, ValueError, "data is empty"),
         (([torch.arange(5), torch.arange(1)], 1, 4), {}, ValueError, "document 1 has 1 step"),
         (([(torch.zeros(3), torch.zeros(2))], 1, 4), {}, ValueError, "x and y of document 0 must have the same length"),
+        (([(torch.zeros(3), torch.zeros(3)), (torch.zeros(0), torch.zeros(0))], 1, 4), {}, ValueError,
+         "document 1 is empty"),
         (([torch.arange(5), [1, 2]], 1, 4), {}, TypeError, "document 1 must be a tensor"),
         (([(torch.zeros(3), torch.zeros(3)), torch.zeros(3)], 1, 2), {}, TypeError, r"document 1 must be an \(x, y\)"),
         (("text", 1, 4), {}, TypeError, "data must be a tensor"),
