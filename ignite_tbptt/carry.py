@@ -62,8 +62,8 @@ class CarriedState:
             raise ValueError(
                 f"carry_state: this batch starts at step {data_position} of its stream, but the carried state "
                 f"stands at step {self.data_position}: a skipped, repeated or reordered batch would carry the state "
-                "across unrelated steps. Feed the batches in order (a run resumed mid-epoch needs "
-                "deterministic=True, and epoch_length must not exceed the data), or run reset_state first"
+                "across unrelated steps. Feed the batches in order (an epoch_length longer than the data restarts "
+                "it mid-epoch), or run reset_state first"
             )
         self.batch_size, self.data_position = batch_size, data_position
         return self.position
@@ -144,6 +144,7 @@ def tbptt_engine(step: Callable, carry_state: bool, engine_class: type = TbpttEn
     engine.carried_state = step.carried_state  # type: ignore[attr-defined]
     if carry_state:
         engine.add_event_handler(Events.STARTED, _warn_if_shuffled)
+        engine.add_event_handler(Events.STARTED, _reset_where_the_data_restarts)
         engine.add_event_handler(Events.EPOCH_STARTED, _reset_at_epoch_start)
     return engine
 
@@ -170,6 +171,18 @@ def _warn_if_shuffled(engine: Engine) -> None:
             "ignite_tbptt.data.StreamBatches (which shuffles whole documents between epochs) or shuffle=False",
             stacklevel=2,
         )
+
+
+def _reset_where_the_data_restarts(engine: Engine) -> None:
+    """A run that starts mid-epoch (after ``terminate()``, or from a checkpoint) on a plain ``Engine``.
+
+    Ignite's plain engine then iterates the data from its first batch again, so the carried stream cannot
+    continue: it starts afresh. ``DeterministicEngine`` replays the data from the right batch, and the
+    restored stream continues exactly.
+    """
+    state = engine.state
+    if not isinstance(engine, DeterministicEngine) and state.epoch_length and state.iteration % state.epoch_length:
+        reset_state(engine)
 
 
 def _reset_at_epoch_start(engine: Engine) -> None:

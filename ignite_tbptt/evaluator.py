@@ -14,7 +14,7 @@ from torch import nn
 from ignite_tbptt.amp import amp_context, device_type
 from ignite_tbptt.batches import batch_chunks, chunk_sequence, split_batch
 from ignite_tbptt.carry import CarriedState, tbptt_engine
-from ignite_tbptt.events import Tbptt_Events, fire, start_chunk
+from ignite_tbptt.events import Tbptt_Events, fire, start_chunk, stop_requested
 from ignite_tbptt.handlers import ChunkedEpochWise
 from ignite_tbptt.schedule import check_steps, plan_chunks
 from ignite_tbptt.sequences import masked_pair
@@ -56,17 +56,26 @@ def supervised_tbptt_evaluation_step(
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         chunks = plan_chunks(length, tbtt_step, tbtt_step, offset)
         model.eval()
+        done = 0
         with torch.no_grad():
             for chunk, later, rows, x_c, y_c in batch_chunks(chunks, x, y, offset, length, tbtt_step, tbtt_step, dim, False):
                 x_t, y_t = prepare_batch((x_c, y_c), device=device, non_blocking=non_blocking)
                 gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
                 start_chunk(engine, chunk, len(chunks), weight)
+                if stop_requested(engine):
+                    break
                 with autocast():
                     y_pred = window.forward(chunk, later, x_t, gates)
                 y_pred, y_t = masked_pair(y_pred, y_t, valid)
                 engine.state.output = output_transform(x_t, y_t, y_pred)
                 fire(engine, Tbptt_Events.TIME_ITERATION_COMPLETED)
-        stream.end_batch(length)
+                done += 1
+                if stop_requested(engine):
+                    break
+        if done == len(chunks):
+            stream.end_batch(length)
+        else:  # stopped inside the batch: the next batch starts a fresh stream, not one from the wrong step
+            stream.reset()
         return engine.state.output
 
     evaluate.carried_state = stream  # type: ignore[attr-defined]

@@ -67,3 +67,12 @@ def start_chunk(engine: Engine, chunk: Any, num_chunks: int, weight: int) -> Non
     setattr(engine.state, TIME_ITERATION_ATTR, getattr(engine.state, TIME_ITERATION_ATTR) + 1)
     engine.state.chunk, engine.state.num_chunks, engine.state.chunk_weight = chunk, num_chunks, weight
     fire(engine, Tbptt_Events.TIME_ITERATION_STARTED)
+
+
+def stop_requested(engine: Engine) -> bool:
+    """Whether a handler asked the engine to stop the run or the epoch (``terminate()``, ``terminate_epoch()``).
+
+    Ignite acts on the request after the batch; the chunk loops ask after every chunk event, so that no chunk
+    starts once it is made.
+    """
+    return bool(engine.should_terminate or engine.should_terminate_single_epoch)

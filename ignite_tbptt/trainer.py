@@ -15,7 +15,7 @@ from ignite_tbptt.amp import amp_context, device_type, grad_scaler
 from ignite_tbptt.batches import batch_chunks, chunk_sequence, split_batch
 from ignite_tbptt.carry import CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine
 from ignite_tbptt.distributed import average_gradients, is_ddp
-from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk
+from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk, stop_requested
 from ignite_tbptt.schedule import Chunk, check_steps, plan_chunks
 from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
@@ -149,14 +149,30 @@ def supervised_tbptt_training_step(
         else:
             optimizer.step()
 
+    def abandon_batch() -> None:
+        """After a stop inside a batch: no carried state or half-accumulated gradient outlives the lost steps.
+
+        The rest of the batch never runs, so the carried state stands inside the batch; the next batch starts
+        a fresh stream rather than continue from the wrong step.
+        """
+        nonlocal group_weight
+        group_weight = 0
+        optimizer.zero_grad()
+        stream.reset()
+
     def run_chunk(
         engine: Engine, chunk: Chunk, num_chunks: int, later: List[int], x: Any, y: Any, info: Any, rows: slice,
         distributed: bool,
-    ) -> Tuple[Any, torch.Tensor, int]:
-        """Train on one chunk; return its detached predictions (``None`` unless kept), loss and weight."""
+    ) -> Optional[Tuple[Any, torch.Tensor, int]]:
+        """Train on one chunk; return its detached predictions (``None`` unless kept), loss and weight.
+
+        ``None`` when a ``TIME_ITERATION_STARTED`` handler stopped the run: the chunk does not run.
+        """
         x_t, y_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)
         gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
         start_chunk(engine, chunk, num_chunks, weight)
+        if stop_requested(engine):
+            return None
         count = getattr(engine.state, TIME_ITERATION_ATTR)
         if not model.training:  # a chunk handler ran an evaluation; train() walks every submodule: not per chunk
             model.train()
@@ -181,16 +197,25 @@ def supervised_tbptt_training_step(
         chunks = plan_chunks(length, tbtt_step, k2, offset)
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
         model.train()
-        total, total_weight, predictions = None, 0, []
+        total, total_weight, predictions, done = None, 0, [], 0
         for chunk, later, rows, x_c, y_c in batch_chunks(chunks, x, y, offset, length, tbtt_step, k2, dim, stream.carry):
-            y_pred, loss, weight = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed)
+            ran = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed)
+            if ran is None:
+                break
+            y_pred, loss, weight = ran
             # One running sum, updated in place: keeping every chunk's loss alive until the batch ends would
             # scatter small long-lived allocations between the chunks' activations and fragment the heap.
             total = loss * weight if total is None else total.add_(loss, alpha=weight)
             total_weight += weight
+            done += 1
             if keep_predictions:
                 predictions.append(y_pred)
-        stream.end_batch(length)
+            if stop_requested(engine):
+                break
+        if done == len(chunks):
+            stream.end_batch(length)
+        else:
+            abandon_batch()
         y_pred = cat_time(predictions, dim) if predictions else None
         mean = total / total_weight if total_weight else torch.tensor(float("nan"))  # nan: nothing was valid
         return output_transform(x, y, y_pred, mean)
