@@ -4,7 +4,8 @@ All contenders of a case run in one fresh process in interleaved rounds (A B C A
 of the same model set up anew every round, on the same batch; the table reports the fastest round's seconds per batch
 and the ratios of the fastest rounds and of the medians.
 
-- ``k1 == k2``: a hand-written loop, Ignite's trainer and ``ignite_tbptt``.
+- ``k1 == k2``: a hand-written loop, Ignite's trainer and ``ignite_tbptt``, also with ``skip_nonfinite=True``
+  (its one host read per update).
 - ``k2 > k1``: a hand-written recompute loop, a hand-written retain loop, and both overlap modes.
 - In both, the first contender a second time (``..., again``): the spread of identical code, the noise floor.
 
@@ -68,6 +69,7 @@ def contenders_for(fresh, loss_fn, x, y, k1: int, k2: int, sync) -> Dict[str, Ca
             "hand-written loop": loop(bc.hand_written),
             "ignite trainer": engine(ignite_trainer),
             "ignite_tbptt": engine(create_supervised_tbptt_trainer),
+            "ignite_tbptt skip_nonfinite": engine(create_supervised_tbptt_trainer, skip_nonfinite=True),
         }
     else:
         contenders = {

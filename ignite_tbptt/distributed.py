@@ -4,7 +4,7 @@ TBPTT(k1, k2) in ``retain`` mode backpropagates one forward pass in several back
 reducer cannot follow; averaging the gradients by hand before each optimizer step works in every mode.
 """
 
-from typing import Any
+from typing import Any, Union
 
 import ignite.distributed as idist
 import torch
@@ -17,7 +17,7 @@ def is_ddp(model: Any) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
-def average_gradients(model: nn.Module, weight: float = 1.0) -> None:
+def average_gradients(model: nn.Module, weight: Union[float, torch.Tensor] = 1.0) -> None:
     """Average the parameters' gradients across processes (``ignite.distributed``), in one all-reduce.
 
     Each process' gradients count with its ``weight``, the number of loss terms they average (the trainer
@@ -31,7 +31,8 @@ def average_gradients(model: nn.Module, weight: float = 1.0) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = torch.cat([p.grad.reshape(-1) for p in params])
-    flat = idist.all_reduce(torch.cat([grads * weight, grads.new_full((1,), weight)]))
+    weight = torch.as_tensor(weight, dtype=grads.dtype, device=grads.device).reshape(1)
+    flat = idist.all_reduce(torch.cat([grads * weight, weight]))
     total = flat[-1]
     flat = flat[:-1] / torch.where(total > 0, total, torch.ones_like(total))  # no weight anywhere: zeros
     for p, g in zip(params, flat.split([p.numel() for p in params])):

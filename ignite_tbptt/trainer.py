@@ -4,11 +4,12 @@ The data flows one way: batch -> chunks (:mod:`ignite_tbptt.schedule`) -> window
 (:mod:`ignite_tbptt.window`) -> optimizer step -> chunk events.
 """
 
+import warnings
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import ignite.distributed as idist
 import torch
-from ignite.engine import Engine, _prepare_batch
+from ignite.engine import Engine, Events, _prepare_batch
 from torch import nn
 
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
@@ -30,6 +31,9 @@ __all__ = [
 
 OVERLAP_MODES = {"recompute": RecomputeWindow, "retain": RetainWindow}
 
+#: The ``engine.state`` attribute that counts the updates ``skip_nonfinite`` skipped.
+SKIPPED_UPDATES_ATTR = "skipped_updates"
+
 
 def _detach_hidden(hidden: Any) -> Any:
     """Cut a hidden state (a tensor, or tuples, lists, dicts and namedtuples of tensors) from its graph.
@@ -41,6 +45,29 @@ def _detach_hidden(hidden: Any) -> Any:
     ('tuple', False)
     """
     return detached(hidden)
+
+
+def all_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """A bool tensor: whether every element of every tensor is finite (no host read).
+
+    It checks their sum, one reduction per tensor: a NaN or an infinity makes the sum non-finite, and summed in
+    float32 or wider, finite elements overflow it only beyond about 1e29 each, far past any gradient worth a
+    step. ``isfinite().all()`` per tensor costs 15 times as much (340 against 22 us for an LSTM(256)'s gradients
+    on a 2-core CPU).
+    """
+    if not tensors:
+        return torch.tensor(True)
+    sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+    return torch.stack([s.to(sums[0].device) for s in sums]).sum().isfinite()
+
+
+def found_inf(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The ``GradScaler``'s own inf check of this step's gradients (made by ``unscale_``), over all devices.
+
+    Reused instead of a second check; the scaler keeps it per optimizer until ``update()``.
+    """
+    found = list(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())
+    return torch.stack([f.to(found[0].device) for f in found]).sum() > 0
 
 
 def _default_output_transform(x: Any, y: Any, y_pred: Any, loss: torch.Tensor) -> float:
@@ -74,6 +101,7 @@ def supervised_tbptt_training_step(
     clip_grad_norm: Optional[float] = None,
     hidden_batch_dim: int = -2,
     checkpoint_every: Optional[int] = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
 
@@ -122,21 +150,52 @@ def supervised_tbptt_training_step(
     stream = CarriedState(window, carry_state)
     keep_predictions = output_transform is not _default_output_transform
     group_weight = 0  # loss terms the current accumulation group backpropagated (0: nothing yet)
+    group_loss_ok: Optional[torch.Tensor] = None  # with skip_nonfinite: whether the group's losses are finite
+    warned = False
 
     def backward(loss: Optional[torch.Tensor], weight: int) -> None:
-        nonlocal group_weight
+        nonlocal group_weight, group_loss_ok
         if loss is not None:
+            if skip_nonfinite and scaler is None:  # a device tensor, read once per update, not per chunk
+                ok = torch.isfinite(loss.detach())
+                group_loss_ok = ok if group_loss_ok is None else group_loss_ok & ok
             loss = loss / accumulate if accumulate > 1 else loss
             loss = scaler.scale(loss) if scaler is not None else loss
             group_weight += weight
         window.backward(loss)
 
+    def update_is_finite(engine: Engine, loss_ok: Optional[torch.Tensor], distributed: bool) -> bool:
+        """Whether the group's losses and gradients are finite: one host read."""
+        if clip_grad_norm is not None:  # the total norm is already there, and not finite where a gradient is not
+            ok = torch.isfinite(engine.state.grad_norm)
+        else:
+            ok = all_finite([p.grad for p in model.parameters() if p.grad is not None])
+        if loss_ok is not None and not distributed:  # distributed: folded into the averaged gradients
+            ok = ok & loss_ok
+        return bool(ok)
+
+    def skip_update(engine: Engine) -> None:
+        nonlocal warned
+        setattr(engine.state, SKIPPED_UPDATES_ATTR, getattr(engine.state, SKIPPED_UPDATES_ATTR, 0) + 1)
+        if not warned:
+            warned = True
+            warnings.warn(
+                f"skip_nonfinite: the update after chunk {engine.state.chunk.index} of batch {engine.state.iteration} "
+                f"(time_iteration {getattr(engine.state, TIME_ITERATION_ATTR)}) had a non-finite loss or gradient "
+                "and was skipped: the parameters and the optimizer state are unchanged. Later skips are counted in "
+                "engine.state.skipped_updates without a warning",
+                stacklevel=2,
+            )
+
     def optimizer_step(engine: Engine, distributed: bool) -> None:
-        nonlocal group_weight
+        nonlocal group_weight, group_loss_ok
         if not (group_weight or distributed):
             return  # nothing was valid: no update (a scaler could not step without gradients either)
         weight, group_weight = group_weight, 0
+        loss_ok, group_loss_ok = group_loss_ok, None
         if distributed:
+            if loss_ok is not None:  # a non-finite loss on one process makes the average non-finite on all
+                weight = torch.where(loss_ok, float(weight), float("nan"))
             average_gradients(model, weight)  # weighted by loss terms: exact where padding differs by process
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -144,8 +203,12 @@ def supervised_tbptt_training_step(
         if clip_grad_norm is not None:
             engine.state.grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         if scaler is not None:
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # skips the step itself where its inf check found a non-finite gradient
+            if skip_nonfinite and bool(found_inf(scaler, optimizer)):
+                skip_update(engine)
             scaler.update()
+        elif skip_nonfinite and not update_is_finite(engine, loss_ok, distributed):
+            skip_update(engine)
         else:
             optimizer.step()
 
@@ -155,8 +218,8 @@ def supervised_tbptt_training_step(
         The rest of the batch never runs, so the carried state stands inside the batch; the next batch starts
         a fresh stream rather than continue from the wrong step.
         """
-        nonlocal group_weight
-        group_weight = 0
+        nonlocal group_weight, group_loss_ok
+        group_weight, group_loss_ok = 0, None
         optimizer.zero_grad()
         stream.reset()
 
@@ -245,6 +308,7 @@ def create_supervised_tbptt_trainer(
     clip_grad_norm: Optional[float] = None,
     hidden_batch_dim: int = -2,
     checkpoint_every: Optional[int] = None,
+    skip_nonfinite: bool = False,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
 
@@ -310,6 +374,10 @@ def create_supervised_tbptt_trainer(
             most this many steps under activation checkpointing (Gruslys et al. 2016), keeping one state per
             segment and rebuilding a segment's activations during the backward pass. About ``sqrt(k2)``
             balances the two; the gradients are the same. ``None`` keeps every activation of the window.
+        skip_nonfinite: skip the optimizer step of an update whose loss or gradients are not finite, so that
+            the parameters and the optimizer state stay as they were (a ``GradScaler``, if given, already does
+            this; its own inf check is reused). Skips are counted in ``engine.state.skipped_updates``, with a
+            warning at the first. One host read per update; off by default.
 
     Returns:
         an Ignite ``Engine`` with :class:`Tbptt_Events` registered.
@@ -336,6 +404,20 @@ def create_supervised_tbptt_trainer(
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
-        hidden_batch_dim, checkpoint_every,
+        hidden_batch_dim, checkpoint_every, skip_nonfinite,
     )
-    return tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
+    engine = tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
+    if skip_nonfinite:
+        count_skipped_updates(engine)
+    return engine
+
+
+def count_skipped_updates(engine: Engine) -> None:
+    """Keep ``engine.state.skipped_updates``: 0 at every fresh run, and saved in ``state_dict()``."""
+    engine.state.skipped_updates = 0
+    engine.state_dict_user_keys.append(SKIPPED_UPDATES_ATTR)
+
+    @engine.on(Events.STARTED)
+    def reset_count(engine: Engine) -> None:
+        if engine.state.iteration == 0:  # not a run resumed from a state_dict
+            engine.state.skipped_updates = 0

@@ -18,6 +18,8 @@ CASES = [  # (name, k1, k2, overlap, wrap in DistributedDataParallel)
     # StreamBatches of documents: resets and masked pairs leave the two shards with different loss counts
     ("documents, recompute", 3, 5, "recompute", False),
     ("documents, retain", 2, 5, "retain", False),
+    # skip_nonfinite: a NaN in rank 1's half of batch 1 skips the same updates on both processes
+    ("skip_nonfinite", 3, 5, "retain", False),
     ("recompute", 3, 7, "recompute", False),
     ("retain", 3, 7, "retain", False),
     ("retain k1 == 1", 1, 4, "retain", False),
@@ -44,10 +46,15 @@ def train(k1, k2, overlap, ddp, rank=0, world=1, name=""):
     if name.startswith("documents"):  # rank r's rows of a global batch of 4: StreamBatches shards itself
         data = StreamBatches(documents(), batch_size=4, seq_len=6, rank=rank, world_size=world)
     else:
-        data = [(x[:, rank * half : (rank + 1) * half], y[:, rank * half : (rank + 1) * half]) for x, y in batches()]
+        whole = batches()
+        if name == "skip_nonfinite":
+            whole[0][0][4:, 3] = float("nan")  # sample 3 (rank 1's half), chunks 2 to 4 of the first batch
+        data = [(x[:, rank * half : (rank + 1) * half], y[:, rank * half : (rank + 1) * half]) for x, y in whole]
+    # Without carried state the second batch trains afresh, so the skipped updates are followed by real ones.
+    options = {"skip_nonfinite": True, "carry_state": False} if name == "skip_nonfinite" else {"carry_state": True}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = create_supervised_tbptt_trainer(
-        model, optimizer, nn.MSELoss(), tbtt_step=k1, k2=k2, overlap=overlap, carry_state=True
+        model, optimizer, nn.MSELoss(), tbtt_step=k1, k2=k2, overlap=overlap, **options
     )
     trainer.run(data, max_epochs=2)
     module = model.module if ddp else model

@@ -164,6 +164,17 @@ def test_one_sync_per_batch_with_options(options, overlap):
     assert_at_most_one_sync_per_batch(per_batch)
 
 
+@pytest.mark.parametrize("overlap", ["recompute", "retain"])
+@pytest.mark.parametrize("options", [{}, dict(clip_grad_norm=1.0), dict(gradient_accumulation_steps=2)],
+                         ids=["plain", "clip", "accumulate"])
+def test_skip_nonfinite_reads_once_per_update(options, overlap):
+    trainer = tbptt_trainer(make(), k2=5, overlap=overlap, skip_nonfinite=True, **options)
+    updates = 4 // options.get("gradient_accumulation_steps", 1)  # 12 steps, k1 = 3
+    for events in syncs_per_batch(trainer, make_batches(2, 2)):
+        assert len(events) == updates + 1, events  # one per update, and the batch loss
+        assert all(what == "aten._local_scalar_dense" for what, _ in events), events
+
+
 def test_no_sync_at_all_without_reading_the_loss():
     trainer = tbptt_trainer(make(), k2=5, overlap="retain", output_transform=lambda x, y, y_pred, loss: loss)
     assert all(events == [] for events in syncs_per_batch(trainer, make_batches(2, 2)))
