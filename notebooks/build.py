@@ -1,9 +1,10 @@
 """Build the notebooks in this folder from their sources in ``src/`` and execute them, keeping the outputs.
 
-Each ``src/NAME.py`` is a script in the "percent" format (as in jupytext): ``# %%`` starts a code cell and
-``# %% [markdown]`` a markdown cell whose lines are comments. ``NAME.ipynb`` is rebuilt from it and run in a
-fresh kernel of this interpreter, with the repository root on ``PYTHONPATH`` and matplotlib's inline backend,
-so the saved notebook carries its plots.
+Each ``src/NAME.py`` is a script in jupytext's "percent" format: ``# %%`` starts a code cell and
+``# %% [markdown]`` a markdown cell whose lines are comments. jupytext reads it, and nbclient runs the
+notebook in a fresh kernel of this interpreter (a kernel spec made for the run, so nothing is installed and
+no registered kernel is needed), with the repository root on ``PYTHONPATH`` and matplotlib's inline backend,
+so the saved notebook carries its plots. ``jupytext --execute`` runs the kernel its metadata names instead.
 
     python notebooks/build.py                 # every src/*.py
     python notebooks/build.py 01 03           # the ones whose name starts with 01 or 03
@@ -18,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import jupytext
 import nbformat
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
@@ -28,27 +30,11 @@ ROOT = HERE.parent
 CELL_TIMEOUT_S = 300
 
 
-def parse_percent_script(text: str) -> list:
-    """Split a percent-format script into nbformat cells (code, or markdown from commented lines)."""
-    cells, kind, lines = [], None, []
-
-    def flush():
-        body = "\n".join(lines).strip("\n")
-        if kind == "markdown":
-            body = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines())
-            cells.append(nbformat.v4.new_markdown_cell(body))
-        elif kind == "code" and body:
-            cells.append(nbformat.v4.new_code_cell(body))
-
-    for line in text.splitlines():
-        if line.startswith("# %%"):
-            flush()
-            kind, lines = ("markdown" if "[markdown]" in line else "code"), []
-        elif kind is not None:
-            lines.append(line)
-    flush()
+def cells_of(source: Path) -> list:
+    """The cells of a percent-format script, read by jupytext, with stable ids: a rebuild changes only what changed."""
+    cells = jupytext.read(source, fmt="py:percent").cells
     for number, cell in enumerate(cells):
-        cell.id = f"cell-{number:02d}"  # stable ids: a rebuild changes only what changed
+        cell.id = f"cell-{number:02d}"
     return cells
 
 
@@ -84,7 +70,7 @@ def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = CELL_TIMEOUT_S)
 
 def build(source: Path, run: bool = True) -> float:
     """Write ``source``'s notebook next to this script; return the seconds its execution took."""
-    nb = nbformat.v4.new_notebook(cells=parse_percent_script(source.read_text()))
+    nb = nbformat.v4.new_notebook(cells=cells_of(source))
     nb.metadata.update({
         "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
         "language_info": {"name": "python"},

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-REASON = 'the notebook tests need nbformat, nbclient, ipykernel and matplotlib: pip install -e ".[notebooks]"'
+REASON = 'the notebook tests need nbformat, nbclient, jupytext, ipykernel and matplotlib: pip install -e ".[notebooks]"'
 nbformat = pytest.importorskip("nbformat", reason=REASON)
+pytest.importorskip("jupytext", reason=REASON)
 nbclient = pytest.importorskip("nbclient", reason=REASON)
 pytest.importorskip("ipykernel", reason=REASON)
 pytest.importorskip("matplotlib", reason=REASON)
@@ -71,6 +72,6 @@ def test_saved_notebook_matches_its_source(path):
     spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOK_DIR / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    expected = [(c.cell_type, c.source) for c in build.parse_percent_script(source.read_text())]
+    expected = [(c.cell_type, c.source) for c in build.cells_of(source)]
     saved = [(c.cell_type, c.source) for c in nbformat.read(path, as_version=4).cells]
     assert saved == expected, f"{path.name} is out of date with {source.relative_to(ROOT)}: python notebooks/build.py"

@@ -201,13 +201,14 @@ plt.show()
 # Measured in this run (CPU, one thread; the tables above), forecasting the 104 held-out weeks of 2000-2001
 # free-running from the end of 1999:
 #
-# - With a year of backprop (`k2 = 52`) the LSTM's forecast has an RMSE of 0.61, 0.78 and 0.61 ppm for the
-#   three seeds, 0.67 ppm on average (MAE 0.51), against 2.12 ppm for the seasonal naive forecast and 2.49 for
+# - With a year of backprop (`k2 = 52`) the LSTM's forecast has an RMSE of 0.65, 0.79 and 0.61 ppm for the
+#   three seeds, 0.68 ppm on average (MAE 0.52), against 2.12 ppm for the seasonal naive forecast and 2.49 for
 #   the naive one: about a third of the seasonal naive error. It is on a par with the seasonal naive + drift
 #   reference (0.72 ppm), which is hard to beat on a series this regular.
-# - With `k2 = k1 = 13`, the most Ignite's trainer can do, the same model and budget give 2.00, 2.70 and
-#   1.61 ppm, 2.11 on average: no better than the seasonal naive forecast. A quarter of backprop does not span
-#   the yearly cycle, and the free-running forecasts drift out of phase (the dashed lines).
+# - With `k2 = k1 = 13`, the most Ignite's trainer can do, the same model and budget give 1.17, 2.08 and
+#   1.69 ppm, 1.65 on average: 2.4 times the error of `k2 = 52`, and far apart from seed to seed. A quarter
+#   of backprop does not span the yearly cycle, and the free-running forecasts drift out of phase (the dashed
+#   lines).
 # - One step ahead, the model explains 51% of the variance of the weekly change; the rest is week-to-week
 #   noise that no model of the cycle can predict (left panel).
 #
