@@ -17,8 +17,9 @@ step belong to the caller. Scheduling comes from
 With ``k2 == k1`` both reduce to Ignite's trainer: one forward and one backward per chunk, nothing retained.
 """
 
+import contextlib
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from ignite.utils import apply_to_tensor
@@ -256,6 +257,36 @@ class _ModelFnCall(nn.Module):
         return call_model(self.model_fn, self.model, x, hidden)
 
 
+@contextlib.contextmanager
+def keeping_compiled_graphs() -> Iterator[None]:
+    """Backward passes through graphs that are backpropagated again later, also where the model is compiled.
+
+    ``torch.compile`` compiles a model's backward on its first call and lets it reuse ("donate") its saved
+    buffers, which fails the next backward pass through the same retained graph ("compiled with non-empty
+    donated buffers"). Backward functions compiled inside this block keep their buffers. It sets
+    ``torch._functorch.config.donated_buffer`` for the block only (a plain attribute: 3 us, where
+    ``config.patch`` takes 17) and restores the user's value after; nothing changes outside the trainer.
+    """
+    config = _functorch_config()
+    if config is None:
+        yield
+        return
+    old = config.donated_buffer
+    config.donated_buffer = False
+    try:
+        yield
+    finally:
+        config.donated_buffer = old
+
+
+def _functorch_config() -> Any:
+    try:
+        import torch._functorch.config as config
+    except ImportError:  # a torch without it compiles nothing that donates
+        return None
+    return config if hasattr(config, "donated_buffer") else None
+
+
 class _Pending(NamedTuple):
     """What :meth:`RetainWindow.backward` needs to know about the chunk that just ran forward."""
 
@@ -329,9 +360,10 @@ class RetainWindow:
         """Backpropagate the chunk's (scaled) loss through its window, then forget what no window needs."""
         window_start, retain, chained, keep_from = self.pending
         if loss is not None:
-            loss.backward(retain_graph=retain)
-            if chained:
-                self._chain_state_grads(window_start, retain)
+            with keeping_compiled_graphs():  # a compiled backward may be compiled on its first call
+                loss.backward(retain_graph=retain)
+                if chained:
+                    self._chain_state_grads(window_start, retain)
         while self.segments and self.segments[0].start < keep_from:
             self.segments.popleft()
         self.gates.drop_before(keep_from)

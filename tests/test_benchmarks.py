@@ -23,6 +23,7 @@ def load(name):
 
 overlap = load("overlap")  # puts benchmarks/ on sys.path for its bench_* modules
 bench_stream = load("bench_stream")
+bench_compile = load("bench_compile")
 import bench_common as bc  # noqa: E402
 
 
@@ -104,4 +105,11 @@ def test_stream_benchmark_quick_run(capsys):
     out = capsys.readouterr().out
     for line in ("| word-language-model loop | ", "| ignite_tbptt main job | ", "| one stream (the main job) | 5 |",
                  "documents, shuffle=True | 5 |", "largest parameter difference after one epoch of each is 0.0e+00"):
+        assert line in out, out
+
+
+def test_compile_benchmark_quick_run(capsys):
+    bench_compile.main(["--quick"])
+    out = capsys.readouterr().out
+    for line in ("| ignite_tbptt, eager |", "| ignite_tbptt, compiled |", "| ignite trainer, compiled |", "retain"):
         assert line in out, out
