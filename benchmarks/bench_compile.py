@@ -10,6 +10,7 @@ The steady state is the fastest of the interleaved rounds that follow, against t
 
     python benchmarks/bench_compile.py              # T = 400, batch 32, 5 rounds (about 4 minutes on 2 cores)
     python benchmarks/bench_compile.py --quick      # toy sizes, backend aot_eager (no C++ compile)
+    python benchmarks/overlap.py --sections compile --device cuda   # the same table as a section, on a GPU
 """
 
 import argparse
@@ -54,21 +55,25 @@ def contenders(kind: str, k1: int, k2: int, overlap: str, hidden: int, x, y, bac
     return out
 
 
-def run_case(case, args) -> List[List[str]]:
+def run_case(case, device: torch.device, T: int, batch: int, rounds: int, backend: str, hidden: int) -> List[List[str]]:
     kind, k1, k2, overlap = case
-    x, y = bc.make_data(args.T, args.batch, 16, torch.device("cpu"))
-    setups = contenders(kind, k1, k2, overlap, args.hidden or HIDDEN[kind], x, y, args.backend)
+    hidden = hidden or HIDDEN[kind]
+    sync = bc.synchronizer(device)
+    x, y = bc.make_data(T, batch, 16, device)
+    setups = contenders(kind, k1, k2, overlap, hidden, x, y, backend)
     first: Dict[str, float] = {}
     for name, setup in setups.items():
+        run = setup()
+        sync()
         start = time.perf_counter()
-        setup()()
+        run()
+        sync()
         first[name] = time.perf_counter() - start
-    times = bc.interleaved(setups, args.rounds, lambda: None)
+    times = bc.interleaved(setups, rounds, sync)
     best = {name: min(t) for name, t in times.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     eager = "ignite_tbptt, eager"
-    label = f"{bc.model_label(kind, args.hidden or HIDDEN[kind])}, {overlap}" if k1 != k2 else bc.model_label(
-        kind, args.hidden or HIDDEN[kind])
+    label = bc.model_label(kind, hidden) + (f", {overlap}" if k1 != k2 else "")
     return [
         [label, k1, k2, name, f"{max(0.0, first[name] - best[name]):.1f}", f"{best[name]:.4f}",
          f"{best[name] / best[eager]:.2f}", f"{median[name] / median[eager]:.2f}"]
@@ -76,28 +81,35 @@ def run_case(case, args) -> List[List[str]]:
     ]
 
 
+def table(device: torch.device, quick: bool, rounds: int, backend: str) -> str:
+    T, batch, hidden = (16, 2, 8) if quick else (400, 32, None)
+    cases = CASES[:1] + CASES[2:3] if quick else CASES
+    rows = [row for case in cases for row in run_case(case, device, T, batch, rounds, backend, hidden)]
+    return (
+        f"Compiled models ({backend}): {bc.describe_device(device)}{bc.load_note()}; T = {T}, batch {batch}; "
+        f"first batch less the steady state as compile s; fastest of {rounds} interleaved rounds; ratios against "
+        "the eager trainer\n\n"
+        + bc.markdown_table(["model", "k1", "k2", "contender", "compile s", "s/batch", "ratio", "ratio of medians"],
+                            rows)
+    )
+
+
+def section(args) -> str:
+    """The ``compile`` section of ``overlap.py`` (inductor; aot_eager with ``--quick``)."""
+    return table(args.device, args.quick, 1 if args.quick else 5, "aot_eager" if args.quick else "inductor")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--backend", default=None, help="torch.compile backend (default inductor, --quick aot_eager)")
-    parser.add_argument("--hidden", type=int, default=None)
     bc.add_malloc_argument(parser)
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 5)
-    args.backend = args.backend or ("aot_eager" if args.quick else "inductor")
-    args.T, args.batch = (16, 2) if args.quick else (400, 32)
-    args.hidden = 8 if args.quick else None
     bc.resolve_malloc(args)
-    cases = CASES[:1] + CASES[2:3] if args.quick else CASES
-    rows = [row for case in cases for row in run_case(case, args)]
-    print(
-        f"Compiled models ({args.backend}): {bc.describe_device(torch.device('cpu'))}{bc.load_note()}; T = {args.T}, "
-        f"batch {args.batch}; first batch less the steady state as compile s; fastest of {args.rounds} interleaved "
-        "rounds; ratios against the eager trainer\n"
-    )
-    print(bc.markdown_table(["model", "k1", "k2", "contender", "compile s", "s/batch", "ratio", "ratio of medians"],
-                            rows))
+    rounds = args.rounds or (1 if args.quick else 5)
+    print(table(args.device, args.quick, rounds, args.backend or ("aot_eager" if args.quick else "inductor")))
 
 
 if __name__ == "__main__":

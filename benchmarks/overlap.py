@@ -21,6 +21,9 @@ Sections (each is also a script of its own):
 - ``instructions`` (``bench_instructions.py``, only when named): the speed table's contenders counted in
   instructions by valgrind's callgrind (GRUCell cases), exact where times are noisy; about 11 minutes, skipped
   without valgrind.
+- ``compile`` (``bench_compile.py``, only when named): ``torch.compile`` (inductor) against eager, in the trainer
+  and in Ignite's trainer on the same compiled model: compile seconds, steady-state seconds per batch; about 4
+  minutes on 2 CPU cores.
 """
 
 import argparse
@@ -33,15 +36,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+import bench_compile  # noqa: E402
 import bench_instructions  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_speed  # noqa: E402
 
 SECTIONS = {
     "speed": bench_speed.section, "memory": bench_memory.section, "checkpoint": bench_memory.checkpoint_section,
-    "instructions": bench_instructions.section,
+    "instructions": bench_instructions.section, "compile": bench_compile.section,
 }
-DEFAULT_SECTIONS = ["speed", "memory", "checkpoint"]  # instructions: slow, needs valgrind, asked for by name
+DEFAULT_SECTIONS = ["speed", "memory", "checkpoint"]  # instructions, compile: slow, asked for by name
 
 
 def parse_sections(text: str):
@@ -57,7 +61,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test")
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
     parser.add_argument("--sections", type=parse_sections, default=DEFAULT_SECTIONS,
-                        help="comma-separated: speed, memory, checkpoint, instructions (default: all but instructions)")
+                        help="comma-separated: speed, memory, checkpoint, instructions, compile (default: the first three)")
     parser.add_argument("--n-in", type=int, default=16, help="input features")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads, here and in the memory processes (default: torch's; --quick 1)")
