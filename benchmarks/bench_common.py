@@ -50,6 +50,30 @@ class CellGRU(nn.Module):
         return self.head(torch.stack(outs)), h
 
 
+class WordLM(nn.Module):
+    """A word-level language model: embedding, LSTM, decoder over a large vocabulary, whose two big matrices
+    sit off the state path (the decoder reads the state, the embedding feeds the input)."""
+
+    def __init__(self, vocab: int, embedding: int = 256, hidden: int = 512) -> None:
+        super().__init__()
+        self.embed, self.rnn = nn.Embedding(vocab, embedding), nn.LSTM(embedding, hidden)
+        self.decode = nn.Linear(hidden, vocab)
+
+    def forward(self, x, hidden=None):
+        out, hidden = self.rnn(self.embed(x), hidden)
+        return self.decode(out), hidden
+
+
+def lm_loss(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(y_pred.reshape(-1, y_pred.shape[-1]), y.reshape(-1))
+
+
+def make_tokens(T: int, batch: int, vocab: int, device: torch.device, seed: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (T + 1, batch), generator=g)
+    return tokens[:-1].to(device), tokens[1:].to(device)
+
+
 MODELS = {"lstm": ("LSTM({}) fused", FusedLSTM), "gru": ("GRUCell({}) loop", CellGRU)}
 
 

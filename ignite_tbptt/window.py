@@ -10,9 +10,10 @@ step belong to the caller. Scheduling comes from
   the window under the current parameters: exact gradient, ``k2 / k1`` times the forward work.
 - :class:`RetainWindow` runs every step once and keeps the graphs of the last ``k2`` steps as *segments*
   cut at every window start. An update chains the state gradient back through the segments of its window.
-  Each chunk's forward pass uses differentiable clones of the parameters (``torch.func.functional_call``),
-  so the retained graphs never alias the live parameters that ``optimizer.step()`` changes in place, and
-  the gradient still lands in ``.grad`` through the clone.
+  A retained chunk's forward pass uses differentiable clones of the parameters its state path saves
+  (``torch.func.functional_call``), so the retained graphs never alias the live parameters that
+  ``optimizer.step()`` changes in place, and the gradient still lands in ``.grad`` through the clone. The
+  window keeps nothing else of the parameters: the graphs hold the clones they saved.
 
 With ``k2 == k1`` both reduce to Ignite's trainer: one forward and one backward per chunk, nothing retained.
 """
@@ -208,8 +209,9 @@ Params = Dict[str, torch.Tensor]
 
 class _Segment(NamedTuple):
     """A retained stretch ``(start, stop]`` of the forward pass: its input state leaf, output state, inputs,
-    the parameter clones its forward pass ran under (``None`` when it ran under the live parameters), and the
-    floating tensors of both states, flattened once here rather than by every window that chains through it."""
+    the parameter clones it keeps (only under activation checkpointing, whose re-runs read them; else the graph
+    keeps what it saved, and nothing more), and the floating tensors of both states, flattened once here rather
+    than by every window that chains through it."""
 
     start: int
     stop: int
@@ -299,8 +301,9 @@ class _Pending(NamedTuple):
 class RetainWindow:
     """``overlap="retain"``: run every step once and keep the graphs of the last ``k2`` steps.
 
-    A chunk whose graph outlives its optimizer step runs under differentiable clones of the parameters,
-    made once per chunk, and is cut into segments at every later window start. An update backpropagates its
+    A chunk whose graph outlives its optimizer step runs under differentiable clones of the parameters its
+    state path saves (learnt from the first such chunk), made once per chunk, and is cut into segments at
+    every later window start. An update backpropagates its
     loss, then walks the segments of its window backwards, feeding each segment's input-state gradient into
     the output state of the segment before.
 
@@ -329,6 +332,9 @@ class RetainWindow:
         self.call = _ModelFnCall(model, model_fn)
         self.gates = GateTrack(hidden_batch_dim)
         self.segments: Deque[_Segment] = deque()
+        # The parameters a retained graph saves on the state path, learnt from the first retained chunk that runs
+        # from a state (None: not yet; clone them all). Under checkpointing all are cloned: re-runs read them all.
+        self.saved_params: Optional[List[str]] = None
         self.reset()
 
     def reset(self) -> None:
@@ -343,16 +349,22 @@ class RetainWindow:
         self.gates.add(gates)
         retain = bool(later_starts)  # a later window reaches into this chunk: its graph must survive the step
         chained = retain or chunk.window_start < chunk.start
-        params = self._clones() if retain else None
-        outputs = []
+        params = self._clones(from_state=self.hidden is not None) if retain else None
+        outputs, segments = [], []
         for a, b in segment_spans(chunk.start, chunk.stop, later_starts):
             if chained:
                 h_in = _grad_leaf(self.hidden, self.detach)
             else:
                 h_in = None if self.hidden is None else self.detach(self.hidden)
             segment = self._run_segment(a, b, x.narrow(self.dim, a - chunk.start, b - a), h_in, params, outputs)
-            self.segments.append(segment)
+            segments.append(segment)
             self.hidden = segment.h_out
+        self.segments.extend(segments)
+        # Learnt where every segment had an input state: a model run from no state saves less (no weight that only
+        # the state gradient needs), which would leave out a parameter later chunks save.
+        learn = retain and self.saved_params is None and not self.checkpoint_every
+        if learn and all(seg.in_leaves for seg in segments):
+            self.saved_params = _saved_clones(params, segments)
         self.pending = _Pending(chunk.window_start, retain, chained, later_starts[0] if later_starts else chunk.stop)
         return cat_time(outputs, self.dim)
 
@@ -379,12 +391,24 @@ class RetainWindow:
             x_span = x.narrow(self.dim, c - a, d - c)
             y_pred, hidden = run_span(self.gates, forward, x_span, hidden, c, bool(self.checkpoint_every))
             outputs.append(y_pred)
-        return _Segment(a, b, h_in, hidden, x, params, _float_tensors(h_in), _float_tensors(hidden))
+        # Without checkpointing the segment holds no clones: the state path's graph keeps those it saved (the
+        # recurrent weights), and the rest (an embedding's, a decoder's) die with the chunk's forward and loss.
+        kept = params if self.checkpoint_every else None
+        return _Segment(a, b, h_in, hidden, x, kept, _float_tensors(h_in), _float_tensors(hidden))
 
-    def _clones(self) -> Params:
-        # The graph saves the clones, never the parameters, so optimizer.step() may change the parameters
-        # in place while the graph lives; CloneBackward routes the gradient into the parameters' .grad.
-        return {name: p.clone() for name, p in self.call.named_parameters()}
+    def _clones(self, from_state: bool = True) -> Params:
+        """Clones of the parameters a retained graph saves (all, until the first retained chunk tells, and all
+        for a chunk that starts from no state: the same call every time, so a compiled model compiles it once).
+
+        The graph saves the clones, never the parameters, so optimizer.step() may change the parameters in
+        place while the graph lives; CloneBackward routes the gradient into the parameters' .grad. The other
+        parameters run as they are: their values at this chunk live on in what the graph saved from them (an
+        embedding's output, say), and their own graph (a decoder's) is gone before the step. A model that saves
+        another parameter on its state path in a later chunk only fails loudly, at that backward pass ("modified
+        by an inplace operation"), never silently.
+        """
+        names = self.saved_params if from_state else None
+        return {name: p.clone() for name, p in self.call.named_parameters() if names is None or name in names}
 
     def _forward(self, params: Optional[Params]) -> Callable[[torch.Tensor, Optional[Hidden]], Tuple[Any, Hidden]]:
         if params is None:
@@ -412,22 +436,26 @@ class RetainWindow:
             _take_state_grad(seg.in_leaves)  # the window start is held constant: drop what it collected
 
     def state_dict(self) -> Dict[str, Any]:
-        """The retained segments as inputs, input states and parameter versions (graphs cannot be saved).
+        """The retained segments as inputs, input states and what their graphs saved (graphs cannot be saved).
 
-        :meth:`load_state_dict` rebuilds the graphs by running each segment again under its own parameter
-        version, so a resumed run backpropagates through exactly what the interrupted one would have.
+        :meth:`load_state_dict` rebuilds each graph by running its segment again and giving it the saved
+        tensors of the original (the activations and parameter versions its backward pass reads), so a resumed
+        run backpropagates through exactly what the interrupted one would have. Under activation checkpointing
+        the segments keep their parameter versions instead, and run again under them.
         """
         versions: List[Params] = []
         index: Dict[int, int] = {}
         segments = []
         for seg in self.segments:
-            version = None
+            version, saved = None, None
             if seg.params is not None:
                 if id(seg.params) not in index:
                     index[id(seg.params)] = len(versions)
                     versions.append(detached(seg.params))
                 version = index[id(seg.params)]
-            segments.append((seg.start, seg.stop, detached(seg.h_in), seg.x.clone(), version))
+            else:
+                saved = [detached(t) for _, t in saved_tensors(seg.out_leaves)]
+            segments.append((seg.start, seg.stop, detached(seg.h_in), seg.x.clone(), version, saved))
         return {"hidden": detached(self.hidden), "segments": segments, "versions": versions, "gates": self.gates.state_dict()}
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
@@ -436,7 +464,62 @@ class RetainWindow:
         live = dict(self.call.named_parameters())
         # Old values, with the gradient flowing into the live parameters as it would through a clone.
         versions = [{n: v + (live[n] - live[n].detach()) for n, v in version.items()} for version in saved["versions"]]
-        for start, stop, h_in, x, version in saved["segments"]:
-            params = None if version is None else versions[version]
-            self.segments.append(self._run_segment(start, stop, x, _grad_leaf(h_in, self.detach), params, []))
+        for start, stop, h_in, x, version, tensors in saved["segments"]:
+            params = self._clones(from_state=h_in is not None) if version is None else versions[version]
+            segment = self._run_segment(start, stop, x, _grad_leaf(h_in, self.detach), params, [])
+            if tensors is not None:
+                restore_saved_tensors(segment.out_leaves, tensors)
+            self.segments.append(segment)
         self.hidden = saved["hidden"]
+
+
+def _saved_clones(params: Params, segments: List[_Segment]) -> List[str]:
+    """The names of the clones in ``params`` that the state path of ``segments`` saved for its backward pass."""
+    storages = {v.untyped_storage().data_ptr() for seg in segments for _, v in saved_tensors(seg.out_leaves)}
+    return [name for name, clone in params.items() if clone.untyped_storage().data_ptr() in storages]
+
+
+def _graph_nodes(roots: List[torch.Tensor]) -> List[Any]:
+    """The autograd nodes that ``roots`` backpropagate through, in a fixed order (depth first)."""
+    order, seen = [], set()
+    stack = [t.grad_fn for t in reversed(roots) if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        order.append(node)
+        stack.extend(fn for fn, _ in reversed(node.next_functions) if fn is not None)
+    return order
+
+
+def saved_tensors(roots: List[torch.Tensor]) -> List[Tuple[Any, Any]]:
+    """Every tensor the backward pass from ``roots`` reads, as ``(raw saved tensor, value)``, in a fixed order.
+
+    Autograd exposes each node's saved tensors as ``_saved_<name>`` (``saved_tensors`` for custom and compiled
+    Functions) and the slots that hold them as ``_raw_saved_<name>``; a slot may hold a list. Empty slots are
+    left out.
+    """
+    out = []
+    for node in _graph_nodes(roots):
+        for attr in sorted(a for a in dir(node) if a.startswith("_raw_saved_")):
+            name = attr[len("_raw_saved_"):]
+            # built-in nodes name the values _saved_<name>; custom and compiled Functions saved_tensors
+            values = getattr(node, "_saved_" + name) if hasattr(node, "_saved_" + name) else getattr(node, "saved_" + name)
+            raws = getattr(node, attr)
+            if not isinstance(raws, (list, tuple)):
+                raws, values = [raws], [values]
+            out += [(raw, value) for raw, value in zip(raws, values) if isinstance(value, torch.Tensor)]
+    return out
+
+
+def restore_saved_tensors(roots: List[torch.Tensor], tensors: List[torch.Tensor]) -> None:
+    """Make the graph behind ``roots`` read ``tensors`` (from :func:`saved_tensors` of an identical graph)."""
+    slots = saved_tensors(roots)
+    if len(slots) != len(tensors) or any(v.shape != t.shape for (_, v), t in zip(slots, tensors)):
+        raise ValueError(
+            "a retained segment of the saved window does not rebuild to the graph it was saved from (the model "
+            "runs differently now); load the checkpoint with the model and model_fn it was saved with"
+        )
+    for (raw, value), tensor in zip(slots, tensors):
+        raw.register_hooks(lambda _: None, lambda _, t=tensor.to(value.device): t)

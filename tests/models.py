@@ -34,10 +34,33 @@ class CellNet(nn.Module):
         return torch.stack(outs), {"h": h}
 
 
+class TokenLM(nn.Module):
+    """Embedding -> LSTM -> decoder over a vocabulary: two matrices off the state path."""
+
+    def __init__(self, vocab=11, n_embed=3, n_hidden=4):
+        super().__init__()
+        self.embed, self.rnn, self.decode = nn.Embedding(vocab, n_embed), nn.LSTM(n_embed, n_hidden), nn.Linear(n_hidden, vocab)
+
+    def forward(self, x, hidden=None):
+        out, hidden = self.rnn(self.embed(x), hidden)
+        return self.decode(out), hidden
+
+
 def make_model(kind, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = CellNet(**kwargs) if kind == "cell" else SeqNet(kind, **kwargs)
+    models = {"cell": CellNet, "tokens": TokenLM}
+    model = models[kind](**kwargs) if kind in models else SeqNet(kind, **kwargs)
     return model.double()
+
+
+def token_loss(y_pred, y):
+    return nn.functional.cross_entropy(y_pred.reshape(-1, y_pred.shape[-1]), y.reshape(-1))
+
+
+def make_tokens(T, batch=3, vocab=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (T + 1, batch), generator=g)
+    return tokens[:-1], tokens[1:]
 
 
 def make_data(T, batch=3, n_in=2, n_out=2, seed=1, batch_first=False):
