@@ -1,5 +1,6 @@
 """Truncated backpropagation through time, TBPTT(k1, k2), for PyTorch-Ignite."""
 
+from ignite_tbptt.checks import check_state_passing
 from ignite_tbptt.data import StreamBatches
 from ignite_tbptt.evaluator import create_supervised_tbptt_evaluator, supervised_tbptt_evaluation_step
 from ignite_tbptt.events import Tbptt_Events
@@ -8,19 +9,20 @@ from ignite_tbptt.schedule import Chunk
 from ignite_tbptt.trainer import create_supervised_tbptt_trainer, reset_state, supervised_tbptt_training_step
 
 __all__ = [
+    "check_state_passing",
     "Chunk",
-    "StreamBatches",
+    "ChunkedBatchWise",
+    "ChunkedEpochWise",
     "ChunkProgressBar",
     "ChunkUpdated",
     "ChunkWise",
-    "ChunkedBatchWise",
-    "ChunkedEpochWise",
-    "TbpttLoss",
-    "Tbptt_Events",
     "create_supervised_tbptt_evaluator",
     "create_supervised_tbptt_trainer",
     "reset_state",
+    "StreamBatches",
     "supervised_tbptt_evaluation_step",
     "supervised_tbptt_training_step",
+    "Tbptt_Events",
+    "TbpttLoss",
 ]
 __version__ = "0.1.0"

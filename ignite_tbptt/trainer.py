@@ -14,6 +14,7 @@ from torch import nn
 
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
 from ignite_tbptt.batches import batch_chunks, chunk_sequence, split_batch
+from ignite_tbptt.checks import check_state_passing
 from ignite_tbptt.carry import CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine
 from ignite_tbptt.distributed import average_gradients, is_ddp
 from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk, stop_requested
@@ -102,6 +103,7 @@ def supervised_tbptt_training_step(
     hidden_batch_dim: int = -2,
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
+    check_state: bool = False,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
 
@@ -254,8 +256,15 @@ def supervised_tbptt_training_step(
         # memory this one frees (4 to 9% slower for a GRUCell loop on CPU at k1 = 2).
         return detached(y_pred) if keep_predictions else None, engine.state.output, weight
 
+    unchecked = check_state  # the state-passing check runs on the first batch longer than one chunk
+
     def update(engine: Engine, batch: Any) -> Any:
+        nonlocal unchecked
         x, y, info, length = split_batch(batch, dim)
+        if unchecked and length > tbtt_step:
+            x_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)[0]
+            check_state_passing(model, x_t, tbtt_step, model_fn=model_fn, dim=dim)
+            unchecked = False
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         chunks = plan_chunks(length, tbtt_step, k2, offset)
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
@@ -309,6 +318,7 @@ def create_supervised_tbptt_trainer(
     hidden_batch_dim: int = -2,
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
+    check_state: bool = False,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
 
@@ -374,6 +384,9 @@ def create_supervised_tbptt_trainer(
             most this many steps under activation checkpointing (Gruslys et al. 2016), keeping one state per
             segment and rebuilding a segment's activations during the backward pass. About ``sqrt(k2)``
             balances the two; the gradients are the same. ``None`` keeps every activation of the window.
+        check_state: run :func:`~ignite_tbptt.checks.check_state_passing` on the first batch longer than one chunk,
+            before any update: an ``AssertionError`` if the model ignores the state it is given or does not
+            continue from it. It costs two forward passes over that batch, once.
         skip_nonfinite: skip the optimizer step of an update whose loss or gradients are not finite, so that
             the parameters and the optimizer state stay as they were (a ``GradScaler``, if given, already does
             this; its own inf check is reused). Skips are counted in ``engine.state.skipped_updates``, with a
@@ -404,7 +417,7 @@ def create_supervised_tbptt_trainer(
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
-        hidden_batch_dim, checkpoint_every, skip_nonfinite,
+        hidden_batch_dim, checkpoint_every, skip_nonfinite, check_state,
     )
     engine = tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
     if skip_nonfinite:
