@@ -4,11 +4,11 @@ Both factories, the trainer and the evaluator, read their batches through these 
 the same to both: ``(x, y)`` or ``(x, y, sequence_info)`` sharing a time axis ``dim``.
 """
 
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ignite_tbptt.schedule import Chunk, later_window_starts
+from ignite_tbptt.schedule import Chunk
 from ignite_tbptt.sequences import Gate, SequenceInfo, chunk_gates, parse_sequence_info
 
 __all__ = ["batch_chunks", "batch_size_of", "chunk_sequence", "split_batch"]
@@ -51,18 +51,18 @@ def split_batch(batch: Any, dim: int) -> Tuple[torch.Tensor, torch.Tensor, Optio
 
 
 def batch_chunks(
-    chunks: List[Chunk], x: torch.Tensor, y: torch.Tensor, offset: int, length: int, k1: int, k2: int, dim: int,
-    carry: bool,
+    chunks: List[Chunk], later_of: Callable[[Chunk], List[int]], x: torch.Tensor, y: torch.Tensor, offset: int,
+    dim: int,
 ) -> Iterator[Tuple[Chunk, List[int], slice, torch.Tensor, torch.Tensor]]:
-    """Each chunk of a batch with its later window starts, its rows in the batch and its slices of ``x``, ``y``.
+    """Each chunk of a batch (:func:`~ignite_tbptt.schedule.batch_plan`) with its later window starts, its rows in
+    the batch and its slices of ``x``, ``y``.
 
     The slices are made one chunk at a time (not by one ``split``): ``T / k1`` views made up front take memory
     that grows with ``T``, about 1 KiB each.
     """
     for chunk in chunks:
-        later = later_window_starts(chunk, offset + length, k1, k2, stream=carry)
         rows = slice(chunk.start - offset, chunk.stop - offset)
-        yield chunk, later, rows, x.narrow(dim, rows.start, chunk.length), y.narrow(dim, rows.start, chunk.length)
+        yield chunk, later_of(chunk), rows, x.narrow(dim, rows.start, chunk.length), y.narrow(dim, rows.start, chunk.length)
 
 
 def chunk_sequence(

@@ -20,6 +20,8 @@ __all__ = ["CARRIED_STATE_KEY", "CarriedState", "DeterministicTbpttEngine", "Tbp
 
 #: The key of the carried stream in the trainer's ``state_dict()``.
 CARRIED_STATE_KEY = "tbptt_carried_state"
+#: The key of the random chunk lengths' draws in the trainer's ``state_dict()``.
+CHUNK_LENGTHS_KEY = "tbptt_chunk_lengths"
 
 
 class CarriedState:
@@ -92,20 +94,27 @@ class CarriedState:
 
 
 class _CarriedStateEngineMixin:
-    """Saves ``engine.carried_state`` in ``state_dict()`` (so ``Checkpoint`` keeps it) and restores it."""
+    """Saves ``engine.carried_state`` in ``state_dict()`` (so ``Checkpoint`` keeps it) and restores it, and with
+    random chunk lengths the state of their draws (``engine.chunk_lengths``), so a resumed run draws on."""
 
     carried_state: CarriedState
+    chunk_lengths: Any = None
 
     def state_dict(self) -> "OrderedDict[str, Any]":
         saved = super().state_dict()  # type: ignore[misc]
         saved[CARRIED_STATE_KEY] = self.carried_state.state_dict()
+        if self.chunk_lengths is not None:
+            saved[CHUNK_LENGTHS_KEY] = self.chunk_lengths.state_dict()
         return saved
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         state_dict = dict(state_dict)
         carried = state_dict.pop(CARRIED_STATE_KEY, None)
+        lengths = state_dict.pop(CHUNK_LENGTHS_KEY, None)
         super().load_state_dict(state_dict)  # type: ignore[misc]
         self.carried_state.load_state_dict(carried)
+        if self.chunk_lengths is not None and lengths is not None:
+            self.chunk_lengths.load_state_dict(lengths)
 
 
 class TbpttEngine(_CarriedStateEngineMixin, Engine):
@@ -142,6 +151,7 @@ def tbptt_engine(step: Callable, carry_state: bool, engine_class: type = TbpttEn
     engine = engine_class(step)
     register_tbptt_events(engine)
     engine.carried_state = step.carried_state  # type: ignore[attr-defined]
+    engine.chunk_lengths = getattr(step, "chunk_lengths", None)  # type: ignore[attr-defined]
     if carry_state:
         engine.add_event_handler(Events.STARTED, _warn_if_shuffled)
         engine.add_event_handler(Events.STARTED, _reset_where_the_data_restarts)

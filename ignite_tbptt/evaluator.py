@@ -16,7 +16,7 @@ from ignite_tbptt.batches import batch_chunks, chunk_sequence, split_batch
 from ignite_tbptt.carry import CarriedState, tbptt_engine
 from ignite_tbptt.events import Tbptt_Events, fire, start_chunk, stop_requested
 from ignite_tbptt.handlers import ChunkedEpochWise
-from ignite_tbptt.schedule import check_steps, plan_chunks
+from ignite_tbptt.schedule import batch_plan, check_steps
 from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.window import RecomputeWindow, default_model_fn, detached
 
@@ -54,11 +54,11 @@ def supervised_tbptt_evaluation_step(
     def evaluate(engine: Engine, batch: Any) -> Any:
         x, y, info, length = split_batch(batch, dim)
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
-        chunks = plan_chunks(length, tbtt_step, tbtt_step, offset)
+        chunks, later_of = batch_plan(length, offset, tbtt_step, tbtt_step, stream=False)
         model.eval()
         done = 0
         with torch.no_grad():
-            for chunk, later, rows, x_c, y_c in batch_chunks(chunks, x, y, offset, length, tbtt_step, tbtt_step, dim, False):
+            for chunk, later, rows, x_c, y_c in batch_chunks(chunks, later_of, x, y, offset, dim):
                 x_t, y_t = prepare_batch((x_c, y_c), device=device, non_blocking=non_blocking)
                 gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
                 start_chunk(engine, chunk, len(chunks), weight)

@@ -13,9 +13,15 @@ Example:
     [(0, 0, 3, 0), (1, 3, 6, 1), (2, 6, 9, 4), (3, 9, 10, 7)]
 """
 
-from typing import Iterable, List, NamedTuple, Tuple
+import math
+import random
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
-__all__ = ["Chunk", "check_steps", "checkpoint_cuts", "plan_chunks", "later_window_starts", "segment_spans"]
+__all__ = [
+    "Chunk", "RandomLength", "batch_plan", "check_steps", "checkpoint_cuts", "plan_chunks", "later_window_starts",
+    "segment_spans", "window_starts_after",
+]
 
 
 class Chunk(NamedTuple):
@@ -92,6 +98,126 @@ def later_window_starts(chunk: Chunk, batch_stop: int, k1: int, k2: int, stream:
     if stream:
         starts = list(starts) + list(range(batch_stop, limit, k1))
     return sorted({max(0, s - overlap) for s in starts})
+
+
+def window_starts_after(chunk: Chunk, later_chunk_starts: Iterable[int], overlap: int) -> List[int]:
+    """The window starts, before ``chunk.stop``, of the chunks after ``chunk`` that start at ``later_chunk_starts``.
+
+    >>> window_starts_after(Chunk(0, 0, 3, 0), [3, 9, 14], overlap=2)
+    [1]
+    """
+    if not overlap:
+        return []
+    return sorted({max(0, s - overlap) for s in later_chunk_starts if s > chunk.start and s - overlap < chunk.stop})
+
+
+class RandomLength:
+    """Random chunk lengths, AWD-LSTM's rule (Merity et al. 2017): ``tbtt_step=RandomLength(bptt)``.
+
+    Each chunk's length is drawn afresh: ``base = bptt`` with probability ``p_full`` (0.95), else ``bptt / 2``;
+    ``length = max(min_length, int(normal(base, std)))`` with ``std = 5`` and ``min_length = 5``, and at most
+    ``max_length`` where given. The trainer scales each update's learning rate by ``length / bptt`` (SPEC,
+    "Random chunk lengths"). The draws follow ``seed`` and their state is part of the trainer's ``state_dict()``,
+    so a resumed run draws the lengths the uninterrupted one would have. The trainer draws from its own copy.
+
+    >>> lengths = RandomLength(70, seed=1)
+    >>> draws = [lengths.next() for _ in range(2000)]
+    >>> 66 < sum(draws) / len(draws) < 70, min(draws) >= 5
+    (True, True)
+    """
+
+    def __init__(
+        self, bptt: int, p_full: float = 0.95, std: float = 5.0, min_length: int = 5,
+        max_length: Optional[int] = None, seed: int = 0,
+    ) -> None:
+        for name, value in (("bptt", bptt), ("min_length", min_length), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"RandomLength: {name} must be an int, got {type(value).__name__} ({value!r})")
+        if bptt < 1:
+            raise ValueError(f"RandomLength: bptt must be >= 1, got {bptt}")
+        if min_length < 1:
+            raise ValueError(f"RandomLength: min_length must be >= 1, got {min_length}")
+        if not (isinstance(p_full, (int, float)) and 0 <= p_full <= 1):
+            raise ValueError(f"RandomLength: p_full must be a probability in [0, 1], got {p_full!r}")
+        if not (isinstance(std, (int, float)) and std >= 0 and math.isfinite(std)):
+            raise ValueError(f"RandomLength: std must be a finite number >= 0, got {std!r}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < min_length):
+            raise ValueError(f"RandomLength: max_length must be an int >= min_length ({min_length}), got {max_length!r}")
+        self.bptt, self.p_full, self.std = bptt, float(p_full), float(std)
+        self.min_length, self.max_length, self.seed = min_length, max_length, seed
+        self._rng = random.Random(seed)
+        self._ahead: Deque[int] = deque()  # drawn by peek(), not yet used
+
+    def __repr__(self) -> str:
+        return (f"RandomLength(bptt={self.bptt}, p_full={self.p_full}, std={self.std}, min_length={self.min_length}, "
+                f"max_length={self.max_length}, seed={self.seed})")
+
+    def _draw(self) -> int:
+        base = self.bptt if self._rng.random() < self.p_full else self.bptt / 2
+        length = max(self.min_length, int(self._rng.gauss(base, self.std)))
+        return length if self.max_length is None else min(length, self.max_length)
+
+    def next(self) -> int:
+        """The next chunk's length."""
+        return self._ahead.popleft() if self._ahead else self._draw()
+
+    def peek(self, count: int) -> List[int]:
+        """The next ``count`` lengths, without using them up."""
+        while len(self._ahead) < count:
+            self._ahead.append(self._draw())
+        return list(self._ahead)[:count]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"rng": self._rng.getstate(), "ahead": list(self._ahead)}
+
+    def load_state_dict(self, saved: Dict[str, Any]) -> None:
+        version, internal, gauss_next = saved["rng"]
+        self._rng.setstate((version, tuple(internal), gauss_next))
+        self._ahead = deque(saved["ahead"])
+
+
+Steps = Union[int, RandomLength]
+
+
+def bptt_of(tbtt_step: Steps) -> int:
+    """The nominal chunk length: ``tbtt_step``, or a :class:`RandomLength`'s ``bptt``."""
+    return tbtt_step.bptt if isinstance(tbtt_step, RandomLength) else tbtt_step
+
+
+def batch_plan(
+    length: int, offset: int, tbtt_step: Steps, k2: int, stream: bool
+) -> Tuple[List[Chunk], Callable[[Chunk], List[int]]]:
+    """The chunks of a batch of ``length`` steps starting at stream position ``offset``, and a function giving a
+    chunk's later window starts (:func:`later_window_starts`), computed chunk by chunk.
+
+    Fixed chunks lie on the ``k1`` grid from ``offset``. Random lengths are drawn chunk after chunk; the batch's
+    end cuts the last chunk, and with ``stream`` the next batch starts a new chunk, whose length (and those of
+    the chunks after it, as far as a window can reach back) is drawn ahead here.
+
+    >>> chunks, later = batch_plan(6, 0, 3, 4, stream=True)
+    >>> [(tuple(c), later(c)) for c in chunks]
+    [((0, 0, 3, 0), [2]), ((1, 3, 6, 2), [5])]
+    """
+    if not isinstance(tbtt_step, RandomLength):
+        chunks = plan_chunks(length, tbtt_step, k2, offset)
+        return chunks, lambda c: later_window_starts(c, offset + length, tbtt_step, k2, stream)
+    if length < 1:
+        raise ValueError(f"a batch needs at least one time step, got {length}")
+    overlap, stop, chunks = k2 - tbtt_step.bptt, offset + length, []
+    start = offset
+    while start < stop:
+        end = min(start + tbtt_step.next(), stop)  # a batch's end cuts a chunk
+        chunks.append(Chunk(len(chunks), start, end, max(0, start - overlap)))
+        start = end
+    starts = [c.start for c in chunks[1:]]
+    if stream and overlap:  # the next batch's chunks whose windows may reach back into this one
+        starts.append(stop)
+        ahead = 0
+        while starts[-1] < stop + overlap:
+            ahead += 1
+            starts.append(stop + sum(tbtt_step.peek(ahead)))
+    return chunks, lambda c: window_starts_after(c, starts, overlap)
 
 
 def segment_spans(start: int, stop: int, cuts: Iterable[int]) -> List[Tuple[int, int]]:

@@ -4,8 +4,10 @@ The data flows one way: batch -> chunks (:mod:`ignite_tbptt.schedule`) -> window
 (:mod:`ignite_tbptt.window`) -> optimizer step -> chunk events.
 """
 
+import contextlib
+import copy
 import warnings
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import ignite.distributed as idist
 import torch
@@ -18,7 +20,7 @@ from ignite_tbptt.checks import check_state_passing
 from ignite_tbptt.carry import CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine
 from ignite_tbptt.distributed import average_gradients, is_ddp
 from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk, stop_requested
-from ignite_tbptt.schedule import Chunk, check_steps, plan_chunks
+from ignite_tbptt.schedule import Chunk, RandomLength, Steps, batch_plan, bptt_of, check_steps
 from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
 
@@ -71,6 +73,25 @@ def found_inf(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer) 
     return torch.stack([f.to(found[0].device) for f in found]).sum() > 0
 
 
+@contextlib.contextmanager
+def scaled_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
+    """Every parameter group's learning rate times ``factor`` inside the block, and as it was after it.
+
+    Schedulers and handlers set and read the rate between steps, so they never see the scaled one.
+    """
+    if factor == 1.0:
+        yield
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr * factor
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, rates):
+            group["lr"] = lr
+
+
 def _default_output_transform(x: Any, y: Any, y_pred: Any, loss: torch.Tensor) -> float:
     return loss.item()
 
@@ -86,7 +107,7 @@ def supervised_tbptt_training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_fn: Union[Callable, nn.Module],
-    tbtt_step: int,
+    tbtt_step: Steps,
     k2: Optional[int] = None,
     overlap: str = "recompute",
     dim: int = 0,
@@ -124,8 +145,11 @@ def supervised_tbptt_training_step(
         ... )
         >>> trainer = Engine(step)
     """
-    k2 = tbtt_step if k2 is None else k2
-    check_steps(tbtt_step, k2)
+    bptt = bptt_of(tbtt_step)
+    k2 = bptt if k2 is None else k2
+    check_steps(bptt, k2)
+    # The trainer's own draws: the user's RandomLength stays a description, and two trainers never share one.
+    lengths = copy.deepcopy(tbtt_step) if isinstance(tbtt_step, RandomLength) else None
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"overlap must be one of {sorted(OVERLAP_MODES)}, got {overlap!r}")
     for name, value in (("dim", dim), ("hidden_batch_dim", hidden_batch_dim)):
@@ -136,7 +160,7 @@ def supervised_tbptt_training_step(
         _check_positive_int("checkpoint_every", checkpoint_every)
     if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
-    if is_ddp(model) and overlap == "retain" and k2 > tbtt_step:
+    if is_ddp(model) and overlap == "retain" and k2 > bptt:
         raise ValueError(
             'overlap="retain" with k2 > tbtt_step backpropagates each forward pass in several backward calls, '
             "which DistributedDataParallel cannot reduce; pass the plain model (the trainer then averages the "
@@ -152,12 +176,14 @@ def supervised_tbptt_training_step(
     stream = CarriedState(window, carry_state)
     keep_predictions = output_transform is not _default_output_transform
     group_weight = 0  # loss terms the current accumulation group backpropagated (0: nothing yet)
+    group_lengths: List[int] = []  # the lengths of the group's chunks that backpropagated a loss
     group_loss_ok: Optional[torch.Tensor] = None  # with skip_nonfinite: whether the group's losses are finite
     warned = False
 
-    def backward(loss: Optional[torch.Tensor], weight: int) -> None:
+    def backward(loss: Optional[torch.Tensor], weight: int, length: int) -> None:
         nonlocal group_weight, group_loss_ok
         if loss is not None:
+            group_lengths.append(length)
             if skip_nonfinite and scaler is None:  # a device tensor, read once per update, not per chunk
                 ok = torch.isfinite(loss.detach())
                 group_loss_ok = ok if group_loss_ok is None else group_loss_ok & ok
@@ -195,6 +221,9 @@ def supervised_tbptt_training_step(
             return  # nothing was valid: no update (a scaler could not step without gradients either)
         weight, group_weight = group_weight, 0
         loss_ok, group_loss_ok = group_loss_ok, None
+        # Random lengths: the rate scales by the chunk's length over bptt (the group's mean length), as AWD-LSTM.
+        factor = sum(group_lengths) / (len(group_lengths) * bptt) if lengths is not None and group_lengths else 1.0
+        group_lengths.clear()
         if distributed:
             if loss_ok is not None:  # a non-finite loss on one process makes the average non-finite on all
                 weight = torch.where(loss_ok, float(weight), float("nan"))
@@ -205,14 +234,16 @@ def supervised_tbptt_training_step(
         if clip_grad_norm is not None:
             engine.state.grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         if scaler is not None:
-            scaler.step(optimizer)  # skips the step itself where its inf check found a non-finite gradient
+            with scaled_learning_rate(optimizer, factor):
+                scaler.step(optimizer)  # skips the step itself where its inf check found a non-finite gradient
             if skip_nonfinite and bool(found_inf(scaler, optimizer)):
                 skip_update(engine)
             scaler.update()
         elif skip_nonfinite and not update_is_finite(engine, loss_ok, distributed):
             skip_update(engine)
         else:
-            optimizer.step()
+            with scaled_learning_rate(optimizer, factor):
+                optimizer.step()
 
     def abandon_batch() -> None:
         """After a stop inside a batch: no carried state or half-accumulated gradient outlives the lost steps.
@@ -222,6 +253,7 @@ def supervised_tbptt_training_step(
         """
         nonlocal group_weight, group_loss_ok
         group_weight, group_loss_ok = 0, None
+        group_lengths.clear()
         optimizer.zero_grad()
         stream.reset()
 
@@ -246,7 +278,7 @@ def supervised_tbptt_training_step(
         with autocast():
             y_pred = window.forward(chunk, later, x_t, gates)
             loss = loss_fn(*masked_pair(y_pred, y_t, valid)) if weight else None
-        backward(loss, weight)
+        backward(loss, weight, chunk.length)
         if count % accumulate == 0:
             optimizer_step(engine, distributed)
         engine.state.output = loss.detach() if loss is not None else torch.zeros((), device=x_t.device)
@@ -261,16 +293,16 @@ def supervised_tbptt_training_step(
     def update(engine: Engine, batch: Any) -> Any:
         nonlocal unchecked
         x, y, info, length = split_batch(batch, dim)
-        if unchecked and length > tbtt_step:
+        if unchecked and length > bptt:
             x_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)[0]
-            check_state_passing(model, x_t, tbtt_step, model_fn=model_fn, dim=dim)
+            check_state_passing(model, x_t, bptt, model_fn=model_fn, dim=dim)
             unchecked = False
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
-        chunks = plan_chunks(length, tbtt_step, k2, offset)
+        chunks, later_of = batch_plan(length, offset, lengths or tbtt_step, k2, stream.carry)
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
         model.train()
         total, total_weight, predictions, done = None, 0, [], 0
-        for chunk, later, rows, x_c, y_c in batch_chunks(chunks, x, y, offset, length, tbtt_step, k2, dim, stream.carry):
+        for chunk, later, rows, x_c, y_c in batch_chunks(chunks, later_of, x, y, offset, dim):
             ran = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed)
             if ran is None:
                 break
@@ -293,6 +325,7 @@ def supervised_tbptt_training_step(
         return output_transform(x, y, y_pred, mean)
 
     update.carried_state = stream  # type: ignore[attr-defined]
+    update.chunk_lengths = lengths  # type: ignore[attr-defined]
     return update
 
 
@@ -300,7 +333,7 @@ def create_supervised_tbptt_trainer(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_fn: Union[Callable, nn.Module],
-    tbtt_step: int,
+    tbtt_step: Steps,
     dim: int = 0,
     device: Optional[Union[str, torch.device]] = None,
     non_blocking: bool = False,

@@ -42,12 +42,15 @@ def _gated_step(model, theta, x_t, hidden, keep, valid):
     return y_t, new
 
 
-def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid=None, resets=None, accumulate=1):
+def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid=None, resets=None, accumulate=1,
+                         bounds=None):
     """Parameters after every SGD update of TBPTT(k1, k2) over one sequence, as a list of dicts.
 
     ``valid`` and ``resets`` (time-major ``(T, B)`` bools, ``dim=0`` only) mark padded steps and the steps
     before which a sample's state is zeroed; a chunk's loss is ``loss_fn`` over its valid (step, sample) pairs.
     With ``accumulate = N`` the parameters change after every N-th chunk, by the mean of the N chunks' gradients.
+    ``bounds`` replays given chunks ``(s, t)`` instead of the ``k1`` grid (random lengths, with ``k1`` their
+    ``bptt``); each update's rate is then ``lr * (t - s) / k1``.
     """
     keeps = [None] * x.shape[dim] if resets is None else [~r if r.any() else None for r in resets]
     valids = [None] * x.shape[dim] if valid is None else list(valid)
@@ -58,8 +61,10 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid
     versions = {}  # versions[t]: the parameters the single forward pass used at step t ("retain")
     trajectory = []
     pending = {n: torch.zeros_like(v) for n, v in params.items()}
-    for c, s in enumerate(range(0, T, k1)):
-        t, w = min(s + k1, T), max(0, s - o)
+    chunks = bounds if bounds is not None else [(s, min(s + k1, T)) for s in range(0, T, k1)]
+    for c, (s, t) in enumerate(chunks):
+        w = max(0, s - o)
+        rate = lr * (t - s) / k1 if bounds is not None else lr
         if overlap == "retain":
             hidden = states[s]
             for i in range(s, t):
@@ -91,7 +96,7 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid
             if g is not None:
                 pending[n] += g / accumulate
         if (c + 1) % accumulate == 0:
-            params = {n: params[n] - lr * pending[n] for n in params}
+            params = {n: params[n] - rate * pending[n] for n in params}
             pending = {n: torch.zeros_like(v) for n, v in params.items()}
         trajectory.append(params)
     return trajectory
