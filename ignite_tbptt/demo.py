@@ -33,6 +33,7 @@ from torch import nn
 
 from ignite_tbptt import (
     ChunkProgressBar,
+    RandomLength,
     StreamBatches,
     TbpttLoss,
     Tbptt_Events,
@@ -148,6 +149,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--text", nargs="+", help="train on these text files (one document each) instead of the Python docs")
     parser.add_argument("--k1", type=int, default=25, help="time steps per update (tbtt_step)")
     parser.add_argument("--k2", type=int, default=None, help="time steps to backpropagate (default: k1)")
+    parser.add_argument("--bptt-random", action="store_true",
+                        help="AWD-LSTM's random chunk lengths around --k1 (RandomLength), the rate scaled by length")
     parser.add_argument("--overlap", choices=["recompute", "retain"], default="recompute")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=256, help="LSTM hidden size")
@@ -213,8 +216,9 @@ def train(local_rank: int, args: argparse.Namespace, corpus: Corpus) -> None:
     valid_batches = StreamBatches(on_device(corpus.valid), validation_rows(world), args.seq_len)
     model = CharLSTM(len(corpus.vocab), args.hidden).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    tbtt_step = RandomLength(args.k1, seed=args.seed) if args.bptt_random else args.k1
     trainer = create_supervised_tbptt_trainer(
-        model, optimizer, sequence_loss, tbtt_step=args.k1, k2=args.k2, overlap=args.overlap, carry_state=True
+        model, optimizer, sequence_loss, tbtt_step=tbtt_step, k2=args.k2, overlap=args.overlap, carry_state=True
     )
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: batches.set_epoch(engine.state.epoch - 1))
     TbpttLoss().attach(trainer, "loss")  # the epoch's training loss, over all its time steps and processes
@@ -225,7 +229,8 @@ def train(local_rank: int, args: argparse.Namespace, corpus: Corpus) -> None:
         f"corpus: {sum(map(len, corpus.train)) + sum(map(len, corpus.valid)):,} characters in "
         f"{len(corpus.train)} document(s), vocabulary {len(corpus.vocab)}; {len(batches)} batches of "
         f"{args.batch_size} x {args.seq_len}"
-        f"{f' on {world} processes' if world > 1 else ''}; TBPTT(k1={args.k1}, k2={args.k2 or args.k1}, {args.overlap})"
+        f"{f' on {world} processes' if world > 1 else ''}; TBPTT(k1={args.k1}{' random' if args.bptt_random else ''}, "
+        f"k2={args.k2 or args.k1}, {args.overlap})"
     )
     if first:
         attach_progress(trainer, every=200, bar=not args.no_progress)

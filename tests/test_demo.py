@@ -31,6 +31,13 @@ def test_tiny_run_prints_a_result_line(tmp_path, capsys):
     assert "loss=" not in capsys.readouterr().err
 
 
+def test_random_chunk_lengths_in_the_main_job(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    assert demo.main(["--text", str(text), "--bptt-random"] + TOY) == 0
+    assert "TBPTT(k1=5 random, k2=5, recompute)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
