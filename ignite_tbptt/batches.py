@@ -68,14 +68,16 @@ def batch_chunks(
 def chunk_sequence(
     info: Optional[SequenceInfo], rows: slice, chunk: Chunk, x: torch.Tensor, dim: int
 ) -> Tuple[List[Gate], Optional[torch.Tensor], int]:
-    """A chunk's gates, its validity mask in the layout of ``x`` (``None``: all valid) and its loss weight.
+    """A chunk's gates, the mask of its scored pairs in the layout of ``x`` (``None``: all) and its loss weight.
 
-    The weight is the number of (step, sample) pairs the chunk's loss averages over.
+    A pair is scored where it is valid and past the burn-in. The weight is the number of (step, sample) pairs
+    the chunk's loss averages over.
     """
     gated = info is not None and info.gated
     gates = chunk_gates(info, rows, chunk.start, x.device) if gated else [Gate(chunk.start, None, None)]
-    if info is None or info.valid is None:
+    scored = None if info is None else info.scored
+    if scored is None:
         return gates, None, chunk.length * batch_size_of(x, dim)
-    valid = info.valid[rows]
-    weight = int(valid.sum())  # a host tensor: no device sync
-    return gates, (valid if dim == 0 else valid.t()).to(x.device), weight
+    scored = scored[rows]
+    weight = int(scored.sum())  # a host tensor: no device sync
+    return gates, (scored if dim == 0 else scored.t()).to(x.device), weight

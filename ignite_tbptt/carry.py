@@ -14,6 +14,7 @@ from ignite.engine import DeterministicEngine, Engine, Events
 from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from ignite_tbptt.batches import batch_size_of
+from ignite_tbptt.sequences import BurnIn, SequenceInfo, burn_in_marks
 from ignite_tbptt.events import register_tbptt_events
 
 __all__ = ["CARRIED_STATE_KEY", "CarriedState", "DeterministicTbpttEngine", "TbpttEngine", "reset_state", "tbptt_engine"]
@@ -22,6 +23,15 @@ __all__ = ["CARRIED_STATE_KEY", "CarriedState", "DeterministicTbpttEngine", "Tbp
 CARRIED_STATE_KEY = "tbptt_carried_state"
 #: The key of the random chunk lengths' draws in the trainer's ``state_dict()``.
 CHUNK_LENGTHS_KEY = "tbptt_chunk_lengths"
+
+
+def check_burn_in(burn_in: Any) -> int:
+    """``burn_in`` as an int >= 0, or a ``TypeError``/``ValueError`` that names it."""
+    if isinstance(burn_in, bool) or not isinstance(burn_in, int):
+        raise TypeError(f"burn_in must be an int >= 0, got {type(burn_in).__name__} ({burn_in!r})")
+    if burn_in < 0:
+        raise ValueError(f"burn_in must be >= 0, got {burn_in}")
+    return burn_in
 
 
 class CarriedState:
@@ -33,8 +43,8 @@ class CarriedState:
     in the engine's ``state_dict()``, so a run resumed from a checkpoint continues the stream exactly.
     """
 
-    def __init__(self, window: Any, carry: bool) -> None:
-        self.window, self.carry = window, carry
+    def __init__(self, window: Any, carry: bool, burn_in: int = 0) -> None:
+        self.window, self.carry, self.burn_in = window, carry, check_burn_in(burn_in)
         self.reset()
 
     def reset(self) -> None:
@@ -42,6 +52,15 @@ class CarriedState:
         self.window.reset()
         self.position, self.batch_size = 0, None
         self.data_position: Optional[int] = None  # where the data's next batch must start, if its batches say
+        self.burn: Optional[BurnIn] = None  # each sample's burn-in so far (None: a fresh stream)
+
+    def mark_burn_in(self, info: Optional[SequenceInfo], length: int) -> Optional[SequenceInfo]:
+        """The batch's sequence information with its burn-in steps and cuts (``burn_in > 0``), carried on."""
+        if not self.burn_in:
+            return info
+        info = info or SequenceInfo(None, None)
+        warm, cut, self.burn = burn_in_marks(info.valid, info.resets, length, self.batch_size, self.burn_in, self.burn)
+        return info._replace(warm=warm, cut=cut)
 
     def begin_batch(self, x: torch.Tensor, dim: int, data_position: Optional[int] = None) -> int:
         """Prepare for a batch ``x`` with time axis ``dim``; return its start position in the stream.
@@ -82,7 +101,7 @@ class CarriedState:
             return None
         return {
             "position": self.position, "batch_size": self.batch_size, "data_position": self.data_position,
-            "window": self.window.state_dict(),
+            "burn_in": None if self.burn is None else tuple(self.burn), "window": self.window.state_dict(),
         }
 
     def load_state_dict(self, saved: Optional[Dict[str, Any]]) -> None:
@@ -90,6 +109,7 @@ class CarriedState:
         if saved is not None and self.carry:
             self.position, self.batch_size = saved["position"], saved["batch_size"]
             self.data_position = saved.get("data_position")
+            self.burn = None if saved.get("burn_in") is None else BurnIn(*saved["burn_in"])
             self.window.load_state_dict(saved["window"])
 
 

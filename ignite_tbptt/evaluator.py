@@ -8,14 +8,14 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from ignite.engine import Engine, _prepare_batch
-from ignite.metrics import Metric
+from ignite.metrics import EpochWise, Metric
 from torch import nn
 
 from ignite_tbptt.amp import amp_context, device_type
 from ignite_tbptt.batches import batch_chunks, chunk_sequence, split_batch
 from ignite_tbptt.carry import CarriedState, tbptt_engine
 from ignite_tbptt.events import Tbptt_Events, fire, start_chunk, stop_requested
-from ignite_tbptt.handlers import ChunkedEpochWise
+from ignite_tbptt.handlers import ChunkUpdated
 from ignite_tbptt.schedule import batch_plan, check_steps
 from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.window import RecomputeWindow, default_model_fn, detached
@@ -39,6 +39,7 @@ def supervised_tbptt_evaluation_step(
     carry_state: bool = False,
     amp_mode: Optional[str] = None,
     hidden_batch_dim: int = -2,
+    burn_in: int = 0,
 ) -> Callable[[Engine, Any], Any]:
     """The process function of :func:`create_supervised_tbptt_evaluator`; see it for the arguments.
 
@@ -49,11 +50,12 @@ def supervised_tbptt_evaluation_step(
     check_steps(tbtt_step, tbtt_step)
     autocast = amp_context(amp_mode, device_type(device, model))
     window = RecomputeWindow(model, model_fn, detached, dim, hidden_batch_dim)
-    stream = CarriedState(window, carry_state)
+    stream = CarriedState(window, carry_state, burn_in)
 
     def evaluate(engine: Engine, batch: Any) -> Any:
         x, y, info, length = split_batch(batch, dim)
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
+        info = stream.mark_burn_in(info, length)
         chunks, later_of = batch_plan(length, offset, tbtt_step, tbtt_step, stream=False)
         model.eval()
         done = 0
@@ -95,6 +97,7 @@ def create_supervised_tbptt_evaluator(
     carry_state: bool = False,
     amp_mode: Optional[str] = None,
     hidden_batch_dim: int = -2,
+    burn_in: int = 0,
 ) -> Engine:
     """Create an evaluator that runs long sequences chunk by chunk, carrying the state, under ``no_grad``.
 
@@ -102,7 +105,7 @@ def create_supervised_tbptt_evaluator(
     state the previous chunk left (``model(x)`` first, then ``model(x, hidden)``), so the predictions are
     those of one pass over the whole sequence while memory holds one chunk's activations. After every chunk,
     ``engine.state.output = output_transform(x, y, y_pred)`` for that chunk and ``TIME_ITERATION_COMPLETED``
-    fires; ``metrics`` are updated there (with :class:`~ignite_tbptt.handlers.ChunkedEpochWise`), so they
+    fires; ``metrics`` are updated there (epoch-wise, after every chunk that scores something), so they
     equal those of a whole-sequence pass. With padded batches (``"lengths"`` or ``"mask"`` in a third batch
     element) ``y_pred`` and ``y`` hold the valid steps only, flattened to ``(N, ...)``; per-sample
     ``"resets"`` zero a sample's state as in training.
@@ -120,6 +123,8 @@ def create_supervised_tbptt_evaluator(
             the trainer, a batch that carries its stream position must continue the stream.
         amp_mode: ``"amp"`` runs the model under ``torch.autocast``.
         hidden_batch_dim: the batch axis of the hidden-state tensors, for resets and padding.
+        burn_in: warm-up steps per sample, as for the trainer: they build the state and are left out of the
+            metrics.
 
     Returns:
         an Ignite ``Engine`` with :class:`Tbptt_Events` registered and ``metrics`` attached.
@@ -142,9 +147,9 @@ def create_supervised_tbptt_evaluator(
     """
     step = supervised_tbptt_evaluation_step(
         model, tbtt_step, dim, device, non_blocking, prepare_batch, model_fn, output_transform, carry_state,
-        amp_mode, hidden_batch_dim,
+        amp_mode, hidden_batch_dim, burn_in,
     )
     engine = tbptt_engine(step, carry_state)
     for name, metric in (metrics or {}).items():
-        metric.attach(engine, name, usage=ChunkedEpochWise())
+        metric.attach(engine, name, usage=ChunkUpdated(EpochWise(), scored_only=True))
     return engine

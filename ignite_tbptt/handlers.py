@@ -160,6 +160,10 @@ def _ignite_usage(usage: Union[str, MetricUsage]) -> MetricUsage:
     return _IGNITE_USAGES[usage]()
 
 
+def _scores_something(engine: Engine, _: int) -> bool:
+    return engine.state.chunk_weight > 0
+
+
 class ChunkUpdated(MetricUsage):
     """Another usage's reset and report events, with an update after every chunk instead of every batch.
 
@@ -172,17 +176,20 @@ class ChunkUpdated(MetricUsage):
     Args:
         usage: a ``MetricUsage`` or the name of one of Ignite's (``"epoch_wise"``, ``"batch_wise"``,
             ``"running_batch_wise"``, ``"single_epoch_running_batch_wise"``, ``"running_epoch_wise"``).
+        scored_only: update only after chunks that score something (``state.chunk_weight > 0``), as the
+            chunked evaluator's metrics do.
 
     >>> usage = ChunkUpdated("running_batch_wise")
     >>> usage.usage_name, usage.STARTED.name, usage.ITERATION_COMPLETED.name, usage.COMPLETED.name
     ('running_batch_wise', 'STARTED', 'TIME_ITERATION_COMPLETED', 'ITERATION_COMPLETED')
     """
 
-    def __init__(self, usage: Union[str, MetricUsage]) -> None:
+    def __init__(self, usage: Union[str, MetricUsage], scored_only: bool = False) -> None:
         usage = _ignite_usage(usage)
-        super().__init__(
-            started=usage.STARTED, completed=usage.COMPLETED, iteration_completed=Tbptt_Events.TIME_ITERATION_COMPLETED
-        )
+        update = Tbptt_Events.TIME_ITERATION_COMPLETED
+        if scored_only:  # a chunk of padding or burn-in only gives a metric no pairs: an empty update is NaN
+            update = update(event_filter=_scores_something)
+        super().__init__(started=usage.STARTED, completed=usage.COMPLETED, iteration_completed=update)
         self.usage_name = getattr(usage, "usage_name", type(usage).__name__)
 
 

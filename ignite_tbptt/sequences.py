@@ -41,27 +41,90 @@ class Gate(NamedTuple):
 
     ``keep``: ``(B,)`` bool, ``False`` where that sample's state is zeroed before step ``position + 1``;
     ``None`` for no reset. ``valid``: ``(B,)`` bool, which samples' steps count; ``None`` for all.
+    ``cut``: ``(B,)`` bool, ``True`` where that sample's state is held constant from here on (no gradient
+    flows back past it: the end of a burn-in); ``None`` for none. ``frozen``: every sample is in burn-in or
+    padding, so the span runs without a graph.
     """
 
     position: int
     keep: Optional[torch.Tensor]
     valid: Optional[torch.Tensor]
+    cut: Optional[torch.Tensor] = None
+    frozen: bool = False
+
+    @property
+    def trivial(self) -> bool:
+        """Whether the gate changes nothing at its own position."""
+        return self.keep is None and self.cut is None
+
+    @property
+    def idle(self) -> bool:
+        """Whether the gate changes nothing at all, at its position or over its span."""
+        return self.trivial and self.valid is None and not self.frozen
 
 
 class SequenceInfo(NamedTuple):
     """A batch's sequence information in time-major layout ``(T, B)``, on the host; ``None`` where absent.
 
-    ``position`` is the batch's first step in its stream, where the batch says so.
+    ``position`` is the batch's first step in its stream, where the batch says so. ``warm`` marks the burn-in
+    steps (:func:`burn_in_marks`) and ``cut`` the steps before which a sample's burn-in has just ended.
     """
 
     valid: Optional[torch.Tensor]
     resets: Optional[torch.Tensor]
     position: Optional[int] = None
+    warm: Optional[torch.Tensor] = None
+    cut: Optional[torch.Tensor] = None
 
     @property
     def gated(self) -> bool:
-        """Whether some step is padding or a reset: the forward pass must be cut at change points."""
-        return self.valid is not None or self.resets is not None
+        """Whether some step is padding, a reset or burn-in: the forward pass must be cut at change points."""
+        return self.valid is not None or self.resets is not None or self.warm is not None
+
+    @property
+    def scored(self) -> Optional[torch.Tensor]:
+        """The (step, sample) pairs the loss scores: valid and past the burn-in; ``None`` for all."""
+        if self.warm is None:
+            return self.valid
+        return ~self.warm if self.valid is None else self.valid & ~self.warm
+
+
+class BurnIn(NamedTuple):
+    """Where each sample of a stream stands in its burn-in: ``remaining`` valid warm-up steps ``(B,)``, and
+    whether its last step was one (``warm_last``), so that a burn-in ending at a batch's edge is cut there."""
+
+    remaining: torch.Tensor
+    warm_last: torch.Tensor
+
+
+def burn_in_marks(
+    valid: Optional[torch.Tensor], resets: Optional[torch.Tensor], length: int, batch: int, burn_in: int,
+    before: Optional[BurnIn],
+) -> Tuple[torch.Tensor, torch.Tensor, BurnIn]:
+    """The burn-in steps ``warm`` and the cuts ``cut`` of a batch (``(T, B)`` bools), and where it leaves them.
+
+    A sample's first ``burn_in`` valid steps after its state starts afresh are warm-up: at a fresh stream
+    (``before is None``) and at every reset of that sample. Padded steps count as warm-up while it lasts, but
+    do not use it up. ``cut[t, i]``: sample ``i``'s warm-up ended before step ``t``.
+
+    >>> warm, cut, after = burn_in_marks(None, None, 5, 1, 3, None)
+    >>> warm.flatten().int().tolist(), cut.flatten().int().tolist(), after.remaining.tolist()
+    ([1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0])
+    """
+    steps = torch.arange(length).unsqueeze(1)
+    valid_t = torch.ones(length, batch, dtype=torch.bool) if valid is None else valid
+    resets_t = torch.zeros(length, batch, dtype=torch.bool) if resets is None else resets
+    counted = torch.cat([torch.zeros(1, batch, dtype=torch.long), valid_t.long().cumsum(0)])  # valid steps before t
+    last_reset = torch.where(resets_t, steps, torch.full_like(steps, -1)).cummax(0).values  # -1: none in batch
+    since = counted[:-1] - counted.gather(0, last_reset.clamp(min=0))  # valid steps since the last reset
+    carried = torch.full((batch,), burn_in, dtype=torch.long) if before is None else before.remaining
+    warm = torch.where(last_reset >= 0, since < burn_in, counted[:-1] < carried.unsqueeze(0))
+    warm_last = torch.zeros(batch, dtype=torch.bool) if before is None else before.warm_last
+    previous = torch.cat([warm_last.unsqueeze(0), warm[:-1]])
+    cut = previous & ~warm & ~resets_t
+    final_since = counted[-1] - counted.gather(0, last_reset[-1:].clamp(min=0))[0]
+    remaining = torch.where(last_reset[-1] >= 0, burn_in - final_since, carried - counted[-1]).clamp(min=0)
+    return warm, cut, BurnIn(remaining, warm[-1])
 
 
 def _layout_check(name: str, t: Any, shape: Tuple[int, int], dim: int) -> torch.Tensor:
@@ -131,18 +194,26 @@ def chunk_gates(info: SequenceInfo, rows: slice, start: int, device: Any) -> Lis
     """
     valid = None if info.valid is None else info.valid[rows]
     resets = None if info.resets is None else info.resets[rows]
-    steps = (valid if valid is not None else resets).shape[0]
+    warm = None if info.warm is None else info.warm[rows]
+    cut = None if info.cut is None else info.cut[rows]
+    steps = rows.stop - rows.start
     change = torch.zeros(steps, dtype=torch.bool)
     change[0] = True
     if valid is not None:
         change[1:] |= (valid[1:] != valid[:-1]).any(1)
     if resets is not None:
         change |= resets.any(1)
+    frozen = None
+    if warm is not None:
+        frozen = (warm if valid is None else warm | ~valid).all(1)  # no sample scores: no graph is needed
+        change[1:] |= frozen[1:] != frozen[:-1]
+        change |= cut.any(1)
     gates = []
     for j in change.nonzero().flatten().tolist():
         keep = None if resets is None or not bool(resets[j].any()) else (~resets[j]).to(device)
         ok = None if valid is None or bool(valid[j].all()) else valid[j].to(device)
-        gates.append(Gate(start + j, keep, ok))
+        held = None if cut is None or not bool(cut[j].any()) else cut[j].to(device)
+        gates.append(Gate(start + j, keep, ok, held, bool(frozen[j]) if frozen is not None else False))
     return gates
 
 
@@ -181,6 +252,17 @@ def apply_reset(hidden: Any, keep: torch.Tensor, batch_dim: int) -> Any:
     return tree_map(lambda t: zero(t) if isinstance(t, torch.Tensor) else t, hidden)
 
 
+def hold_constant(hidden: Any, cut: torch.Tensor, batch_dim: int) -> Any:
+    """The state of the samples where ``cut`` is ``True`` cut from its graph (their values unchanged)."""
+
+    def held(t: torch.Tensor) -> torch.Tensor:
+        if not (t.is_floating_point() and t.requires_grad):
+            return t
+        return torch.where(_batch_vector(cut, t, batch_dim), t.detach(), t)
+
+    return tree_map(lambda t: held(t) if isinstance(t, torch.Tensor) else t, hidden)
+
+
 def hold_invalid(old: Any, new: Any, valid: torch.Tensor, batch_dim: int) -> Any:
     """``new`` for the valid samples, ``old`` (zeros if ``None``) for the others: padding leaves state alone."""
     if old is None:
@@ -194,6 +276,30 @@ def hold_invalid(old: Any, new: Any, valid: torch.Tensor, batch_dim: int) -> Any
         for o, n in zip(old_leaves, new_leaves)
     ]
     return tree_unflatten(out, spec)
+
+
+def run_gated(gate: Optional[Gate], forward: Any, x: torch.Tensor, hidden: Any, start: int, batch_dim: int) -> Tuple[Any, Any]:
+    """``forward(x, hidden)`` over a span starting at ``start`` under ``gate``: its reset and cut at its own
+    position, then the model call (without a graph where ``frozen``), then the state held over padding.
+
+    A function of its arguments only, so that activation checkpointing re-runs exactly what ran: the track of
+    gates moves on between a forward pass and its backward pass.
+    """
+    if gate is None:
+        return forward(x, hidden)
+    if gate.position == start and hidden is not None:
+        if gate.keep is not None:
+            hidden = apply_reset(hidden, gate.keep, batch_dim)
+        if gate.cut is not None:
+            hidden = hold_constant(hidden, gate.cut, batch_dim)
+    if gate.frozen:  # burn-in or padding for every sample: nothing here is differentiated
+        with torch.no_grad():
+            y_pred, new = forward(x, hidden)
+    else:
+        y_pred, new = forward(x, hidden)
+    if gate.valid is not None:
+        new = hold_invalid(hidden, new, gate.valid, batch_dim)
+    return y_pred, new
 
 
 class GateTrack:
@@ -212,8 +318,7 @@ class GateTrack:
 
     def add(self, gates: List[Gate]) -> None:
         for gate in gates:
-            trivial = gate.keep is None and gate.valid is None
-            if trivial and (not self.gates or self.gates[-1].valid is None):
+            if gate.idle and (not self.gates or (self.gates[-1].valid is None and not self.gates[-1].frozen)):
                 continue
             self.gates.append(gate)
 
@@ -232,23 +337,15 @@ class GateTrack:
         """Forget gates no run from ``position`` on can need (keeping the one in force there)."""
         while len(self.gates) > 1 and self.gates[1].position <= position:
             self.gates.pop(0)
-        if self.gates and self.gates[0].keep is None and self.gates[0].valid is None:
+        if self.gates and self.gates[0].idle:
             self.gates.pop(0)  # in force but without effect: the same as no gate
 
     def run(self, forward: Any, x: torch.Tensor, hidden: Any, start: int) -> Tuple[Any, Any]:
         """``forward(x, hidden)`` over a span starting at ``start`` with constant validity: resets, then holds."""
-        gate = self.at(start)
-        if gate is None:
-            return forward(x, hidden)
-        if gate.keep is not None and gate.position == start and hidden is not None:
-            hidden = apply_reset(hidden, gate.keep, self.batch_dim)
-        y_pred, new = forward(x, hidden)
-        if gate.valid is not None:
-            new = hold_invalid(hidden, new, gate.valid, self.batch_dim)
-        return y_pred, new
+        return run_gated(self.at(start), forward, x, hidden, start, self.batch_dim)
 
-    def state_dict(self) -> List[Tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    def state_dict(self) -> List[Tuple[Any, ...]]:
         return [tuple(g) for g in self.gates]
 
-    def load_state_dict(self, saved: List[Tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]]) -> None:
+    def load_state_dict(self, saved: List[Tuple[Any, ...]]) -> None:
         self.gates = [Gate(*g) for g in saved]

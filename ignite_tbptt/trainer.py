@@ -125,6 +125,7 @@ def supervised_tbptt_training_step(
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
     check_state: bool = False,
+    burn_in: int = 0,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
 
@@ -173,7 +174,7 @@ def supervised_tbptt_training_step(
     # Looked up at call time so that a test can patch the module-level _detach_hidden.
     detach = lambda hidden: _detach_hidden(hidden)  # noqa: E731
     window = OVERLAP_MODES[overlap](model, model_fn, detach, dim, hidden_batch_dim, checkpoint_every)
-    stream = CarriedState(window, carry_state)
+    stream = CarriedState(window, carry_state, burn_in)
     keep_predictions = output_transform is not _default_output_transform
     group_weight = 0  # loss terms the current accumulation group backpropagated (0: nothing yet)
     group_lengths: List[int] = []  # the lengths of the group's chunks that backpropagated a loss
@@ -298,6 +299,7 @@ def supervised_tbptt_training_step(
             check_state_passing(model, x_t, bptt, model_fn=model_fn, dim=dim)
             unchecked = False
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
+        info = stream.mark_burn_in(info, length)
         chunks, later_of = batch_plan(length, offset, lengths or tbtt_step, k2, stream.carry)
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
         model.train()
@@ -352,6 +354,7 @@ def create_supervised_tbptt_trainer(
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
     check_state: bool = False,
+    burn_in: int = 0,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
 
@@ -420,6 +423,10 @@ def create_supervised_tbptt_trainer(
         check_state: run :func:`~ignite_tbptt.checks.check_state_passing` on the first batch longer than one chunk,
             before any update: an ``AssertionError`` if the model ignores the state it is given or does not
             continue from it. It costs two forward passes over that batch, once.
+        burn_in: warm-up steps (SPEC "Burn-in"): for every sample, its first ``burn_in`` valid steps after its
+            state starts afresh (a fresh stream, ``reset_state``, a per-sample reset) run forward and build the
+            state, but score nothing and take no gradient; the state after them is held constant, as a window
+            start is. Spans where every sample warms up run under ``torch.no_grad()``.
         skip_nonfinite: skip the optimizer step of an update whose loss or gradients are not finite, so that
             the parameters and the optimizer state stay as they were (a ``GradScaler``, if given, already does
             this; its own inf check is reused). Skips are counted in ``engine.state.skipped_updates``, with a
@@ -450,7 +457,7 @@ def create_supervised_tbptt_trainer(
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
-        hidden_batch_dim, checkpoint_every, skip_nonfinite, check_state,
+        hidden_batch_dim, checkpoint_every, skip_nonfinite, check_state, burn_in,
     )
     engine = tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
     if skip_nonfinite:

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from ignite_tbptt.schedule import Chunk, checkpoint_cuts, segment_spans
-from ignite_tbptt.sequences import Gate, GateTrack
+from ignite_tbptt.sequences import Gate, GateTrack, run_gated
 
 __all__ = ["default_model_fn", "RecomputeWindow", "RetainWindow"]
 
@@ -78,7 +78,8 @@ def run_span(gates: GateTrack, forward: Callable, x: torch.Tensor, hidden: Any, 
     """
     if not checkpointed or not torch.is_grad_enabled():
         return gates.run(forward, x, hidden, start)
-    return checkpoint(gates.run, forward, x, hidden, start, use_reentrant=False)
+    # The gate is looked up now: by the backward pass that re-runs the span, the track has moved on.
+    return checkpoint(run_gated, gates.at(start), forward, x, hidden, start, gates.batch_dim, use_reentrant=False)
 
 
 class _Inputs:
@@ -360,10 +361,12 @@ class RetainWindow:
             segments.append(segment)
             self.hidden = segment.h_out
         self.segments.extend(segments)
-        # Learnt where every segment had an input state: a model run from no state saves less (no weight that only
-        # the state gradient needs), which would leave out a parameter later chunks save.
-        learn = retain and self.saved_params is None and not self.checkpoint_every
-        if learn and all(seg.in_leaves for seg in segments):
+        # Learnt from a plain chunk: every segment runs from a state that takes a gradient, and no gate is in force.
+        # A model run from no state saves less (no weight that only the state gradient needs), and so does one
+        # whose state a gate cuts (burn-in), holds (padding) or runs without a graph: learnt there, the set would
+        # leave out a parameter that later chunks save.
+        learn = retain and self.saved_params is None and not self.checkpoint_every and not self.gates.gates
+        if learn and all(seg.in_leaves and all(t.requires_grad for t in seg.out_leaves) for seg in segments):
             self.saved_params = _saved_clones(params, segments)
         self.pending = _Pending(chunk.window_start, retain, chained, later_starts[0] if later_starts else chunk.stop)
         return cat_time(outputs, self.dim)
@@ -428,8 +431,8 @@ class RetainWindow:
                 for out, grad in zip(prev.out_leaves, _take_state_grad(seg.in_leaves))
                 if grad is not None and out.requires_grad
             ]
-            if not pairs:
-                break
+            if not pairs:  # nothing reached this segment's input (it ran without a graph: burn-in or padding for
+                continue  # every sample); older segments may still have a gradient of their own, from the loss
             outs, grads = zip(*pairs)
             torch.autograd.backward(list(outs), list(grads), retain_graph=retain)
         for seg in in_window[:1]:

@@ -31,10 +31,13 @@ def _by_sample(choose):
     return lambda *ts: torch.stack([choose(b, *parts) for b, parts in enumerate(zip(*(t.unbind(-2) for t in ts)))], -2)
 
 
-def _gated_step(model, theta, x_t, hidden, keep, valid):
-    """One step with per-sample resets (``keep[b]`` False: zero sample b first) and padding (``valid[b]``)."""
+def _gated_step(model, theta, x_t, hidden, keep, valid, cut=None):
+    """One step with per-sample resets (``keep[b]`` False: zero sample b first), padding (``valid[b]``) and the
+    end of a burn-in (``cut[b]``: sample b's state is held constant from here)."""
     if keep is not None and hidden is not None:
         hidden = _zip_map(_by_sample(lambda b, h: h if keep[b] else torch.zeros_like(h)), hidden)
+    if cut is not None and hidden is not None:
+        hidden = _zip_map(_by_sample(lambda b, h: h.detach() if cut[b] else h), hidden)
     y_t, new = _step(model, theta, x_t, hidden)
     if valid is not None:
         old = hidden if hidden is not None else _zip_map(torch.zeros_like, new)
@@ -43,17 +46,20 @@ def _gated_step(model, theta, x_t, hidden, keep, valid):
 
 
 def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid=None, resets=None, accumulate=1,
-                         bounds=None):
+                         bounds=None, burn_in=0):
     """Parameters after every SGD update of TBPTT(k1, k2) over one sequence, as a list of dicts.
 
     ``valid`` and ``resets`` (time-major ``(T, B)`` bools, ``dim=0`` only) mark padded steps and the steps
     before which a sample's state is zeroed; a chunk's loss is ``loss_fn`` over its valid (step, sample) pairs.
     With ``accumulate = N`` the parameters change after every N-th chunk, by the mean of the N chunks' gradients.
     ``bounds`` replays given chunks ``(s, t)`` instead of the ``k1`` grid (random lengths, with ``k1`` their
-    ``bptt``); each update's rate is then ``lr * (t - s) / k1``.
+    ``bptt``); each update's rate is then ``lr * (t - s) / k1``. With ``burn_in = b`` every sample's first ``b``
+    valid steps after its state starts afresh score nothing, and its state is held constant after them.
     """
     keeps = [None] * x.shape[dim] if resets is None else [~r if r.any() else None for r in resets]
     valids = [None] * x.shape[dim] if valid is None else list(valid)
+    warm, cuts = _burn_in(x.shape[dim], x.shape[1 - dim], valid, resets, burn_in)
+    scored = None if not burn_in and valid is None else (~warm if valid is None else valid & ~warm)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     T, o = x.shape[dim], k2 - k1
     step_x = [x.narrow(dim, i, 1) for i in range(T)]
@@ -69,7 +75,7 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid
             hidden = states[s]
             for i in range(s, t):
                 versions[i] = {n: v.clone() for n, v in params.items()}
-                _, hidden = _gated_step(model, versions[i], step_x[i], hidden, keeps[i], valids[i])
+                _, hidden = _gated_step(model, versions[i], step_x[i], hidden, keeps[i], valids[i], cuts[i])
                 states[i + 1] = _detach_hidden(hidden)
             thetas = [{n: v.clone().requires_grad_() for n, v in versions[i].items()} for i in range(w, t)]
         else:
@@ -77,17 +83,17 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid
             thetas = [current] * (t - w)
         hidden, outputs = states[w], []
         for i in range(w, t):
-            y_pred, hidden = _gated_step(model, thetas[i - w], step_x[i], hidden, keeps[i], valids[i])
+            y_pred, hidden = _gated_step(model, thetas[i - w], step_x[i], hidden, keeps[i], valids[i], cuts[i])
             if overlap != "retain":
                 states[i + 1] = _detach_hidden(hidden)
             if i >= s:
                 outputs.append(y_pred)
         y_pred, y_c = torch.cat(outputs, dim), y.narrow(dim, s, t - s)
-        if valid is not None:
-            if not valid[s:t].any():
-                trajectory.append(params)  # nothing valid in the chunk: no update
+        if scored is not None:
+            if not scored[s:t].any():
+                trajectory.append(params)  # nothing scored in the chunk: no update
                 continue
-            y_pred, y_c = y_pred[valid[s:t]], y_c[valid[s:t]]
+            y_pred, y_c = y_pred[scored[s:t]], y_c[scored[s:t]]
         loss = loss_fn(y_pred, y_c)
         unique = list({id(th): th for th in thetas}.values())
         leaves = [th[n] for th in unique for n in params]
@@ -100,3 +106,23 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid
             pending = {n: torch.zeros_like(v) for n, v in params.items()}
         trajectory.append(params)
     return trajectory
+
+
+def _burn_in(T, B, valid, resets, burn_in):
+    """Step by step: which (step, sample) pairs are warm-up, and before which steps a sample's warm-up ended."""
+    warm = torch.zeros(T, B, dtype=torch.bool)
+    cuts = [None] * T
+    remaining, was_warm = [burn_in] * B, [False] * B
+    for t in range(T):
+        cut = torch.zeros(B, dtype=torch.bool)
+        for b in range(B):
+            reset = resets is not None and bool(resets[t, b])
+            if reset:
+                remaining[b] = burn_in
+            warm[t, b] = remaining[b] > 0
+            cut[b] = was_warm[b] and not warm[t, b] and not reset
+            if warm[t, b] and (valid is None or valid[t, b]):
+                remaining[b] -= 1
+            was_warm[b] = bool(warm[t, b])
+        cuts[t] = cut if cut.any() else None
+    return warm, cuts
