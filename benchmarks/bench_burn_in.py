@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     seeds = args.seeds or (1 if args.quick else 4)
     batches, T, warm = (4, 40, 20) if args.quick else (40, 80, 20)
     rows = []
-    for burn_in in (0, warm):
+    for burn_in in (0, 5, warm):
         start = time.perf_counter()
         errors = [run(seed, burn_in, warm, batches, T) for seed in range(seeds)]
         rows.append((burn_in, errors, time.perf_counter() - start))

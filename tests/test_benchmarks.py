@@ -24,6 +24,7 @@ def load(name):
 overlap = load("overlap")  # puts benchmarks/ on sys.path for its bench_* modules
 bench_stream = load("bench_stream")
 bench_compile = load("bench_compile")
+bench_burn_in = load("bench_burn_in")
 import bench_common as bc  # noqa: E402
 
 
@@ -113,3 +114,9 @@ def test_compile_benchmark_quick_run(capsys):
     out = capsys.readouterr().out
     for line in ("| ignite_tbptt, eager |", "| ignite_tbptt, compiled |", "| ignite trainer, compiled |", "retain"):
         assert line in out, out
+
+
+def test_burn_in_benchmark_quick_run(capsys):
+    bench_burn_in.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "| every step scored |" in out and "| burn_in=20 |" in out, out
