@@ -55,9 +55,19 @@ def test_batch_first_and_model_fn():
     check_state_passing(model.rnn, X.transpose(0, 1), 6, dim=1, model_fn=lambda m, x, h: m(x, h))
 
 
-def test_a_model_that_ignores_its_state_fails():
+class Restarts(Forgetful):
+    """Takes the state it is given, then starts afresh inside forward anyway."""
+
+    def forward(self, x, hidden=None):
+        hidden = torch.zeros(1, x.shape[1], 3)
+        out, hidden = self.rnn(x, hidden)
+        return self.head(out), hidden
+
+
+@pytest.mark.parametrize("model", [Forgetful(), Restarts()], ids=["drops its state", "restarts its state"])
+def test_a_model_that_ignores_its_state_fails(model):
     with pytest.raises(AssertionError, match="the state passed in is ignored"):
-        check_state_passing(Forgetful(), X, 5)
+        check_state_passing(model, X, 5)
 
 
 def test_a_model_that_restarts_part_of_its_state_fails_at_the_chunk_and_step():
