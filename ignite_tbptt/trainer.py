@@ -4,14 +4,13 @@ The data flows one way: batch -> chunks (:mod:`ignite_tbptt.schedule`) -> window
 (:mod:`ignite_tbptt.window`) -> optimizer step -> chunk events.
 """
 
-import contextlib
 import copy
 import warnings
-from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import ignite.distributed as idist
 import torch
-from ignite.engine import Engine, Events, _prepare_batch
+from ignite.engine import Engine, _prepare_batch
 from torch import nn
 
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
@@ -22,6 +21,7 @@ from ignite_tbptt.distributed import average_gradients, is_ddp
 from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk, stop_requested
 from ignite_tbptt.schedule import Chunk, RandomLength, Steps, batch_plan, bptt_of, check_steps
 from ignite_tbptt.sequences import masked_pair
+from ignite_tbptt.updates import SKIPPED_UPDATES_ATTR, all_finite, count_skipped_updates, found_inf, scaled_learning_rate
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
 
 __all__ = [
@@ -34,10 +34,6 @@ __all__ = [
 
 OVERLAP_MODES = {"recompute": RecomputeWindow, "retain": RetainWindow}
 
-#: The ``engine.state`` attribute that counts the updates ``skip_nonfinite`` skipped.
-SKIPPED_UPDATES_ATTR = "skipped_updates"
-
-
 def _detach_hidden(hidden: Any) -> Any:
     """Cut a hidden state (a tensor, or tuples, lists, dicts and namedtuples of tensors) from its graph.
 
@@ -48,48 +44,6 @@ def _detach_hidden(hidden: Any) -> Any:
     ('tuple', False)
     """
     return detached(hidden)
-
-
-def all_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
-    """A bool tensor: whether every element of every tensor is finite (no host read).
-
-    It checks their sum, one reduction per tensor: a NaN or an infinity makes the sum non-finite, and summed in
-    float32 or wider, finite elements overflow it only beyond about 1e29 each, far past any gradient worth a
-    step. ``isfinite().all()`` per tensor costs 15 times as much (340 against 22 us for an LSTM(256)'s gradients
-    on a 2-core CPU).
-    """
-    if not tensors:
-        return torch.tensor(True)
-    sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
-    return torch.stack([s.to(sums[0].device) for s in sums]).sum().isfinite()
-
-
-def found_inf(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """The ``GradScaler``'s own inf check of this step's gradients (made by ``unscale_``), over all devices.
-
-    Reused instead of a second check; the scaler keeps it per optimizer until ``update()``.
-    """
-    found = list(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())
-    return torch.stack([f.to(found[0].device) for f in found]).sum() > 0
-
-
-@contextlib.contextmanager
-def scaled_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
-    """Every parameter group's learning rate times ``factor`` inside the block, and as it was after it.
-
-    Schedulers and handlers set and read the rate between steps, so they never see the scaled one.
-    """
-    if factor == 1.0:
-        yield
-        return
-    rates = [group["lr"] for group in optimizer.param_groups]
-    for group, lr in zip(optimizer.param_groups, rates):
-        group["lr"] = lr * factor
-    try:
-        yield
-    finally:
-        for group, lr in zip(optimizer.param_groups, rates):
-            group["lr"] = lr
 
 
 def _default_output_transform(x: Any, y: Any, y_pred: Any, loss: torch.Tensor) -> float:
@@ -463,14 +417,3 @@ def create_supervised_tbptt_trainer(
     if skip_nonfinite:
         count_skipped_updates(engine)
     return engine
-
-
-def count_skipped_updates(engine: Engine) -> None:
-    """Keep ``engine.state.skipped_updates``: 0 at every fresh run, and saved in ``state_dict()``."""
-    engine.state.skipped_updates = 0
-    engine.state_dict_user_keys.append(SKIPPED_UPDATES_ATTR)
-
-    @engine.on(Events.STARTED)
-    def reset_count(engine: Engine) -> None:
-        if engine.state.iteration == 0:  # not a run resumed from a state_dict
-            engine.state.skipped_updates = 0
