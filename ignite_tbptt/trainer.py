@@ -340,18 +340,26 @@ def create_supervised_tbptt_trainer(
       processes before every optimizer step, each process weighted by its valid (step, sample) pairs, so that
       padded or masked shards train as one process on the whole batch; a ``DistributedDataParallel`` model
       reduces its own (an unweighted mean).
+    - ``engine.terminate()`` or ``terminate_epoch()`` in a chunk handler stops before the next chunk starts.
+    - Random chunk lengths (:class:`~ignite_tbptt.schedule.RandomLength`), burn-in (``burn_in``), skipped
+      non-finite updates (``skip_nonfinite``) and a check that the model passes its state on (``check_state``).
+    - Batches from :class:`~ignite_tbptt.data.StreamBatches` carry their stream position; with carried state a
+      batch that does not continue the stream is refused.
 
     Args:
         model: the recurrent model: ``model(x)`` then ``model(x, hidden)``, returning ``(y_pred, hidden)``.
         optimizer: the optimizer, stepped once per chunk (or per ``gradient_accumulation_steps`` chunks).
         loss_fn: ``loss_fn(y_pred, y)`` over one chunk, returning a scalar tensor.
-        tbtt_step: ``k1``, the number of time steps per chunk and optimizer update.
+        tbtt_step: ``k1``, the number of time steps per chunk and optimizer update, or a
+            :class:`~ignite_tbptt.schedule.RandomLength` (AWD-LSTM's random lengths around its ``bptt``, each
+            update's learning rate scaled by ``length / bptt``; its draws are part of ``state_dict()``).
         dim: the time axis of ``x``, ``y`` and ``y_pred``.
         device: where ``prepare_batch`` moves each chunk; the model is not moved.
         non_blocking: passed to ``prepare_batch``.
         prepare_batch: ``prepare_batch((x_chunk, y_chunk), device, non_blocking) -> (x, y)``, called once per
             chunk, so a long sequence can stay on the host and reach the device a chunk at a time.
-        k2: how many steps each update backpropagates; ``None`` means ``tbtt_step``.
+        k2: how many steps each update backpropagates; ``None`` means ``tbtt_step`` (a ``RandomLength``'s
+            ``bptt``), and ``k2 - bptt`` is then the fixed overlap before every chunk.
         overlap: ``"recompute"`` or ``"retain"``: how the ``k2 - k1`` overlap steps are differentiated.
         model_fn: ``model_fn(model, x, hidden) -> (y_pred, hidden)``.
         output_transform: ``output_transform(x, y, y_pred, loss)`` gives ``engine.state.output`` per batch.
