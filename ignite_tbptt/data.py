@@ -15,6 +15,8 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 import ignite.distributed as idist
 import torch
 
+from ignite_tbptt.schedule import check_positive_int
+
 __all__ = ["StreamBatches"]
 
 Data = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[Tuple[torch.Tensor, torch.Tensor]]]
@@ -69,14 +71,6 @@ def _documents(data: Data) -> Tuple[List[torch.Tensor], Optional[List[torch.Tens
                     f"time axis; document 0 has {tuple(docs[0].shape[1:])}, {docs[0].dtype} on {docs[0].device}"
                 )
     return xs, (ys if paired else None)
-
-
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -155,11 +149,11 @@ class StreamBatches:
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
     ) -> None:
-        self.global_batch_size = _check_count("batch_size", batch_size)
-        self.seq_len = _check_count("seq_len", seq_len)
+        self.global_batch_size = check_positive_int("batch_size", batch_size)
+        self.seq_len = check_positive_int("seq_len", seq_len)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.world_size = _check_count("world_size", idist.get_world_size() if world_size is None else world_size)
+        self.world_size = check_positive_int("world_size", idist.get_world_size() if world_size is None else world_size)
         self.rank = idist.get_rank() if rank is None else rank
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be an int in [0, {self.world_size}), got {self.rank!r}")

@@ -19,7 +19,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
-    "Chunk", "RandomLength", "batch_plan", "check_steps", "checkpoint_cuts", "plan_chunks", "later_window_starts",
+    "Chunk", "RandomLength", "batch_plan", "check_positive_int", "check_steps", "checkpoint_cuts", "plan_chunks", "later_window_starts",
     "segment_spans", "window_starts_after",
 ]
 
@@ -39,6 +39,21 @@ class Chunk(NamedTuple):
     def length(self) -> int:
         """Number of time steps in the chunk (the weight of its loss in the batch mean)."""
         return self.stop - self.start
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` if it is an int >= 1, else a ``TypeError`` or ``ValueError`` that names ``name``.
+
+    >>> check_positive_int("seq_len", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: seq_len must be >= 1, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
 
 
 def check_steps(k1: int, k2: int) -> None:

@@ -19,7 +19,7 @@ from ignite_tbptt.checks import check_state_passing
 from ignite_tbptt.carry import CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine
 from ignite_tbptt.distributed import average_gradients, is_ddp
 from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk, stop_requested
-from ignite_tbptt.schedule import Chunk, RandomLength, Steps, batch_plan, bptt_of, check_steps
+from ignite_tbptt.schedule import Chunk, RandomLength, Steps, batch_plan, bptt_of, check_positive_int, check_steps
 from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.updates import SKIPPED_UPDATES_ATTR, all_finite, count_skipped_updates, found_inf, scaled_learning_rate
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
@@ -48,13 +48,6 @@ def _detach_hidden(hidden: Any) -> Any:
 
 def _default_output_transform(x: Any, y: Any, y_pred: Any, loss: torch.Tensor) -> float:
     return loss.item()
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def supervised_tbptt_training_step(
@@ -110,9 +103,9 @@ def supervised_tbptt_training_step(
     for name, value in (("dim", dim), ("hidden_batch_dim", hidden_batch_dim)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    _check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+    check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
     if checkpoint_every is not None:
-        _check_positive_int("checkpoint_every", checkpoint_every)
+        check_positive_int("checkpoint_every", checkpoint_every)
     if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
     if is_ddp(model) and overlap == "retain" and k2 > bptt:
