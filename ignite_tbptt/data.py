@@ -22,16 +22,18 @@ __all__ = ["StreamBatches"]
 Data = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[Tuple[torch.Tensor, torch.Tensor]]]
 
 
-class _Layout(NamedTuple):
-    """One epoch's rows for this process: inputs and targets in batch layout, and the rows' document starts.
+Marks = Dict[int, List[Tuple[int, int]]]  # per batch index: the (step in batch, row) of each mark
 
-    ``starts[j]`` lists the steps of row ``j`` (indices into the row's tokens) where a document begins.
-    """
+
+class _Layout(NamedTuple):
+    """One epoch's rows for this process: inputs and targets in batch layout, and each batch's resets and masked
+    pairs (:meth:`StreamBatches._boundaries`), worked out once per layout."""
 
     epoch: int
     x: torch.Tensor
     y: torch.Tensor
-    starts: List[List[int]]
+    resets: Marks
+    masks: Marks
 
 
 def _check_tensor(item: Any, what: str) -> torch.Tensor:
@@ -204,11 +206,10 @@ class StreamBatches:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]]:
         layout = self._layout_of(self.epoch)
         time_axis = 1 if self.batch_first else 0
-        resets, masks = self._boundaries(layout.starts)
         for index, start in enumerate(range(0, self.steps, self.seq_len)):
             length = min(self.seq_len, self.steps - start)
             info: Dict[str, Any] = {"position": start}
-            for key, marks in (("resets", resets), ("mask", masks)):
+            for key, marks in (("resets", layout.resets), ("mask", layout.masks)):
                 if index in marks:
                     info[key] = self._marks(marks[index], length, flag=key == "resets")
             yield layout.x.narrow(time_axis, start, length), layout.y.narrow(time_axis, start, length), info
@@ -232,7 +233,7 @@ class StreamBatches:
         axis = 1 if self.batch_first else 0
         if self.next_step:  # inputs are steps 0 .. n - 2 of a row, targets steps 1 .. n - 1
             x, y = x.narrow(axis, 0, self.steps), y.narrow(axis, 1, self.steps)
-        self._layout = _Layout(epoch, x, y, starts)
+        self._layout = _Layout(epoch, x, y, *self._boundaries(starts))
         return self._layout
 
     def _fill(self, docs: List[torch.Tensor], order: List[int], doc_starts: List[int], span: int) -> torch.Tensor:
@@ -254,14 +255,14 @@ class StreamBatches:
                 lo = cut
         return out
 
-    def _boundaries(self, starts: List[List[int]]) -> Tuple[Dict[int, List[Tuple[int, int]]], Dict[int, List[Tuple[int, int]]]]:
+    def _boundaries(self, starts: List[List[int]]) -> Tuple[Marks, Marks]:
         """Per batch index, the (step in batch, row) of its resets, and of its masked pairs (next-step targets).
 
         A document starting at step ``t`` of a row resets that row before input step ``t``; with next-step
         targets, the pair at ``t - 1`` (the previous document's last step predicting this one's first) is masked.
         """
-        resets: Dict[int, List[Tuple[int, int]]] = {}
-        masks: Dict[int, List[Tuple[int, int]]] = {}
+        resets: Marks = {}
+        masks: Marks = {}
         for j, row_starts in enumerate(starts):
             for t in row_starts:
                 if t < self.steps:
