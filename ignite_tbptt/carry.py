@@ -89,8 +89,15 @@ class CarriedState:
         self.batch_size, self.data_position = batch_size, data_position
         return self.position
 
-    def end_batch(self, length: int) -> None:
-        """Move the stream position past a finished batch of ``length`` steps."""
+    def end_batch(self, length: int, complete: bool = True) -> None:
+        """Move the stream position past a finished batch of ``length`` steps.
+
+        A batch stopped inside (``complete=False``) leaves the state inside the batch, where the next batch does
+        not start: the next batch starts a fresh stream rather than continue from the wrong step.
+        """
+        if not complete:
+            self.reset()
+            return
         self.position += length
         if self.data_position is not None:
             self.data_position += length

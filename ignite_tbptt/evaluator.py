@@ -74,10 +74,7 @@ def supervised_tbptt_evaluation_step(
                 done += 1
                 if stop_requested(engine):
                     break
-        if done == len(chunks):
-            stream.end_batch(length)
-        else:  # stopped inside the batch: the next batch starts a fresh stream, not one from the wrong step
-            stream.reset()
+        stream.end_batch(length, complete=done == len(chunks))
         return engine.state.output
 
     evaluate.carried_state = stream  # type: ignore[attr-defined]

@@ -193,17 +193,12 @@ def supervised_tbptt_training_step(
             with scaled_learning_rate(optimizer, factor):
                 optimizer.step()
 
-    def abandon_batch() -> None:
-        """After a stop inside a batch: no carried state or half-accumulated gradient outlives the lost steps.
-
-        The rest of the batch never runs, so the carried state stands inside the batch; the next batch starts
-        a fresh stream rather than continue from the wrong step.
-        """
+    def drop_group() -> None:
+        """After a stop inside a batch: the half-accumulated gradient of the steps that ran is never stepped."""
         nonlocal group_weight, group_loss_ok
         group_weight, group_loss_ok = 0, None
         group_lengths.clear()
         optimizer.zero_grad()
-        stream.reset()
 
     def run_chunk(
         engine: Engine, chunk: Chunk, num_chunks: int, later: List[int], x: Any, y: Any, info: Any, rows: slice,
@@ -265,10 +260,9 @@ def supervised_tbptt_training_step(
                 predictions.append(y_pred)
             if stop_requested(engine):
                 break
-        if done == len(chunks):
-            stream.end_batch(length)
-        else:
-            abandon_batch()
+        stream.end_batch(length, complete=done == len(chunks))
+        if done < len(chunks):
+            drop_group()
         y_pred = cat_time(predictions, dim) if predictions else None
         mean = total / total_weight if total_weight else torch.tensor(float("nan"))  # nan: nothing was valid
         return output_transform(x, y, y_pred, mean)
