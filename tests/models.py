@@ -69,3 +69,14 @@ def make_data(T, batch=3, n_in=2, n_out=2, seed=1, batch_first=False):
     x = torch.randn(*shape, n_in, generator=g, dtype=torch.float64)
     y = torch.randn(*shape, n_out, generator=g, dtype=torch.float64)
     return x, y
+
+
+def cpu_runs_bfloat16_lstm() -> bool:
+    """Whether this CPU runs a fused ``nn.LSTM`` under bfloat16 autocast: oneDNN needs AVX-512 BF16 or AMX for it,
+    and fails on an AVX2-only CPU ("could not create a primitive descriptor for the LSTM forward")."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.LSTM(1, 1)(torch.zeros(1, 1, 1))
+    except RuntimeError:
+        return False
+    return True
