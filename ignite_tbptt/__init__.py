@@ -5,10 +5,11 @@ from ignite_tbptt.data import StreamBatches
 from ignite_tbptt.evaluator import create_supervised_tbptt_evaluator, supervised_tbptt_evaluation_step
 from ignite_tbptt.events import Tbptt_Events
 from ignite_tbptt.handlers import ChunkedBatchWise, ChunkedEpochWise, ChunkProgressBar, ChunkUpdated, ChunkWise, TbpttLoss
-from ignite_tbptt.schedule import Chunk, RandomLength
+from ignite_tbptt.schedule import ARTBP, Chunk, RandomLength
 from ignite_tbptt.trainer import create_supervised_tbptt_trainer, reset_state, supervised_tbptt_training_step
 
 __all__ = [
+    "ARTBP",
     "check_state_passing",
     "Chunk",
     "ChunkedBatchWise",

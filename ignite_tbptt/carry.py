@@ -14,15 +14,18 @@ from ignite.engine import DeterministicEngine, Engine, Events
 from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from ignite_tbptt.batches import batch_size_of
+from ignite_tbptt.schedule import Truncations
 from ignite_tbptt.sequences import BurnIn, SequenceInfo, burn_in_marks
 from ignite_tbptt.events import register_tbptt_events
 
-__all__ = ["CARRIED_STATE_KEY", "CarriedState", "DeterministicTbpttEngine", "TbpttEngine", "reset_state", "tbptt_engine"]
+__all__ = ["CARRIED_STATE_KEY", "CHUNK_LENGTHS_KEY", "TRUNCATION_DRAWS_KEY", "CarriedState", "DeterministicTbpttEngine", "TbpttEngine", "reset_state", "tbptt_engine"]
 
 #: The key of the carried stream in the trainer's ``state_dict()``.
 CARRIED_STATE_KEY = "tbptt_carried_state"
 #: The key of the random chunk lengths' draws in the trainer's ``state_dict()``.
 CHUNK_LENGTHS_KEY = "tbptt_chunk_lengths"
+#: The key of the random truncations' draws (``k2=ARTBP(...)``) in the trainer's ``state_dict()``.
+TRUNCATION_DRAWS_KEY = "tbptt_truncation_draws"
 
 
 def check_burn_in(burn_in: Any) -> int:
@@ -53,6 +56,7 @@ class CarriedState:
         self.position, self.batch_size = 0, None
         self.data_position: Optional[int] = None  # where the data's next batch must start, if its batches say
         self.burn: Optional[BurnIn] = None  # each sample's burn-in so far (None: a fresh stream)
+        self.truncations: Optional[Truncations] = None  # random truncations so far (k2=ARTBP; None: a fresh stream)
 
     def mark_burn_in(self, info: Optional[SequenceInfo], length: int) -> Optional[SequenceInfo]:
         """The batch's sequence information with its burn-in steps and cuts (``burn_in > 0``), carried on."""
@@ -109,6 +113,7 @@ class CarriedState:
         return {
             "position": self.position, "batch_size": self.batch_size, "data_position": self.data_position,
             "burn_in": None if self.burn is None else tuple(self.burn), "window": self.window.state_dict(),
+            "truncations": None if self.truncations is None else tuple(self.truncations),
         }
 
     def load_state_dict(self, saved: Optional[Dict[str, Any]]) -> None:
@@ -117,31 +122,35 @@ class CarriedState:
             self.position, self.batch_size = saved["position"], saved["batch_size"]
             self.data_position = saved.get("data_position")
             self.burn = None if saved.get("burn_in") is None else BurnIn(*saved["burn_in"])
+            truncations = saved.get("truncations")
+            self.truncations = None if truncations is None else Truncations(truncations[0], tuple(truncations[1]))
             self.window.load_state_dict(saved["window"])
 
 
 class _CarriedStateEngineMixin:
-    """Saves ``engine.carried_state`` in ``state_dict()`` (so ``Checkpoint`` keeps it) and restores it, and with
-    random chunk lengths the state of their draws (``engine.chunk_lengths``), so a resumed run draws on."""
+    """Saves ``engine.carried_state`` in ``state_dict()`` (so ``Checkpoint`` keeps it) and restores it, and the
+    state of the schedule's random draws (``engine.draws``: random chunk lengths, random truncations, each under
+    its key), so a resumed run draws on."""
 
     carried_state: CarriedState
-    chunk_lengths: Any = None
+    draws: Dict[str, Any] = {}
 
     def state_dict(self) -> "OrderedDict[str, Any]":
         saved = super().state_dict()  # type: ignore[misc]
         saved[CARRIED_STATE_KEY] = self.carried_state.state_dict()
-        if self.chunk_lengths is not None:
-            saved[CHUNK_LENGTHS_KEY] = self.chunk_lengths.state_dict()
+        for key, draws in self.draws.items():
+            saved[key] = draws.state_dict()
         return saved
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         state_dict = dict(state_dict)
         carried = state_dict.pop(CARRIED_STATE_KEY, None)
-        lengths = state_dict.pop(CHUNK_LENGTHS_KEY, None)
+        saved_draws = {key: state_dict.pop(key, None) for key in self.draws}
         super().load_state_dict(state_dict)  # type: ignore[misc]
         self.carried_state.load_state_dict(carried)
-        if self.chunk_lengths is not None and lengths is not None:
-            self.chunk_lengths.load_state_dict(lengths)
+        for key, draws in self.draws.items():
+            if saved_draws[key] is not None:
+                draws.load_state_dict(saved_draws[key])
 
 
 class TbpttEngine(_CarriedStateEngineMixin, Engine):
@@ -178,7 +187,7 @@ def tbptt_engine(step: Callable, carry_state: bool, engine_class: type = TbpttEn
     engine = engine_class(step)
     register_tbptt_events(engine)
     engine.carried_state = step.carried_state  # type: ignore[attr-defined]
-    engine.chunk_lengths = getattr(step, "chunk_lengths", None)  # type: ignore[attr-defined]
+    engine.draws = getattr(step, "draws", {})  # type: ignore[attr-defined]
     if carry_state:
         engine.add_event_handler(Events.STARTED, _warn_if_shuffled)
         engine.add_event_handler(Events.STARTED, _reset_where_the_data_restarts)

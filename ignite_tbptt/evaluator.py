@@ -56,7 +56,7 @@ def supervised_tbptt_evaluation_step(
         x, y, info, length = split_batch(batch, dim)
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         info = stream.mark_burn_in(info, length)
-        chunks, later_of = batch_plan(length, offset, tbtt_step, tbtt_step, stream=False)
+        chunks, later_of, _ = batch_plan(length, offset, tbtt_step, tbtt_step, stream=False)
         model.eval()
         done = 0
         with torch.no_grad():

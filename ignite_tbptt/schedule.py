@@ -9,7 +9,7 @@ Nothing here knows about torch. Positions are time steps in *stream* coordinates
   where the stream (and its hidden state) started afresh.
 
 Example:
-    >>> [tuple(c) for c in plan_chunks(length=10, k1=3, k2=5)]
+    >>> [tuple(c)[:4] for c in plan_chunks(length=10, k1=3, k2=5)]
     [(0, 0, 3, 0), (1, 3, 6, 1), (2, 6, 9, 4), (3, 9, 10, 7)]
 """
 
@@ -19,21 +19,24 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
-    "Chunk", "RandomLength", "batch_plan", "check_positive_int", "check_steps", "checkpoint_cuts", "plan_chunks", "later_window_starts",
-    "segment_spans", "window_starts_after",
+    "ARTBP", "Chunk", "RandomLength", "Truncations", "batch_plan", "check_positive_int", "check_steps", "checkpoint_cuts",
+    "plan_chunks", "later_window_starts", "segment_spans", "truncate", "window_starts_after",
 ]
 
 
 class Chunk(NamedTuple):
     """One update of TBPTT: its chunk ``(start, stop]`` and the start of its backprop window.
 
-    ``index`` counts the chunks of one batch from 0. Positions are in stream coordinates.
+    ``index`` counts the chunks of one batch from 0. Positions are in stream coordinates. ``factor`` is the
+    compensation of unbiased truncation (:class:`ARTBP`) at the chunk's start: a backward pass that crosses that
+    position multiplies the state gradient by it. It is 1.0 wherever nothing is compensated.
     """
 
     index: int
     start: int
     stop: int
     window_start: int
+    factor: float = 1.0
 
     @property
     def length(self) -> int:
@@ -66,7 +69,8 @@ def check_steps(k1: int, k2: int) -> None:
     """
     for name, value in (("tbtt_step", k1), ("k2", k2)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+            other = " or ARTBP(p) (random truncation)" if name == "k2" else ""
+            raise TypeError(f"{name} must be an int{other}, got {type(value).__name__} ({value!r})")
     if k1 < 1:
         raise ValueError(f"tbtt_step must be >= 1, got {k1}")
     if k2 < k1:
@@ -81,7 +85,7 @@ def plan_chunks(length: int, k1: int, k2: int, offset: int = 0) -> List[Chunk]:
     Chunks are ``k1`` long except a shorter last one. A window never reaches before position 0.
 
     >>> plan_chunks(length=4, k1=2, k2=3, offset=6)
-    [Chunk(index=0, start=6, stop=8, window_start=5), Chunk(index=1, start=8, stop=10, window_start=7)]
+    [Chunk(index=0, start=6, stop=8, window_start=5, factor=1.0), Chunk(index=1, start=8, stop=10, window_start=7, factor=1.0)]
     """
     check_steps(k1, k2)
     if length < 1:
@@ -192,7 +196,134 @@ class RandomLength:
         self._ahead = deque(saved["ahead"])
 
 
+class ARTBP:
+    """Unbiased truncation (Tallec & Ollivier 2017, "Unbiasing Truncated Backpropagation Through Time"):
+    ``k2=ARTBP(p)``.
+
+    At every chunk boundary the backprop window is truncated with probability ``p``: a float, or a function
+    ``p(length)`` of the current window's length in chunks (the chunks since the last truncation). Update ``c``
+    backpropagates its chunk's loss back to the last truncation before it, and wherever that backward pass crosses
+    a boundary at which no truncation happened, the state gradient is multiplied by ``1 / (1 - p)`` there. For
+    fixed parameters the expected gradient is then the gradient of the chunk's loss through the whole stream (SPEC,
+    "Unbiased truncation"). A constant ``p`` gives windows of ``1 / p`` chunks on average, geometrically
+    distributed.
+
+    ``cap`` bounds the window to its last ``cap`` chunks (memory is then bounded by ``cap`` chunks). The truncation
+    draws do not change; an update only stops its backward pass ``cap`` chunks back. The expected gradient is then
+    exactly TBPTT's with a window of ``cap`` chunks (``k2 = cap * k1``): unbiased for every influence that reaches
+    less than ``cap`` chunks back, and missing all that reaches further. ``None``: no cap.
+
+    The draws follow ``seed`` (the trainer draws from its own copy, the same on every process), one uniform number
+    per boundary, and their state is part of the trainer's ``state_dict()``, so a resumed run truncates where the
+    uninterrupted one would have. A fresh stream starts with a truncation; a per-sample reset stops that sample's
+    gradient whatever is drawn (a truncation with probability 1), so nothing is compensated there.
+
+    >>> artbp = ARTBP(0.25, seed=1)
+    >>> chunks = truncate(plan_chunks(40, 2, 2), artbp, None, stream=False)[0]
+    >>> [(c.start, c.window_start) for c in chunks[:4]], chunks[2].factor
+    ([(0, 0), (2, 2), (4, 2), (6, 2)], 1.3333333333333333)
+    """
+
+    def __init__(self, p: Union[float, Callable[[int], float]], cap: Optional[int] = None, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"ARTBP: seed must be an int, got {type(seed).__name__} ({seed!r})")
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, int):
+                raise TypeError(f"ARTBP: cap must be an int or None, got {type(cap).__name__} ({cap!r})")
+            if cap < 1:
+                raise ValueError(f"ARTBP: cap must be >= 1 (a window holds at least its own chunk), got {cap}")
+        if not callable(p) and (isinstance(p, bool) or not isinstance(p, (int, float))):
+            raise TypeError(f"ARTBP: p must be a float or a function of the window length, got {type(p).__name__}")
+        self.p, self.cap, self.seed = p, cap, seed
+        self.probability(1)  # a bad p fails here, before anything trains
+        self._rng = random.Random(seed)
+        self._ahead: Optional[float] = None  # drawn by peek(), not yet used
+
+    def __repr__(self) -> str:
+        return f"ARTBP(p={self.p!r}, cap={self.cap}, seed={self.seed})"
+
+    def probability(self, length: int) -> float:
+        """The truncation probability at a boundary where the window holds ``length`` chunks."""
+        p = self.p(length) if callable(self.p) else self.p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            where = f"p({length}) returned" if callable(self.p) else "p must be a probability in [0, 1), got"
+            raise ValueError(
+                f"ARTBP: {where} {p!r}; a truncation probability must lie in [0, 1) (at 1 the compensation "
+                "1 / (1 - p) is infinite: bound the window with cap instead)"
+            )
+        return float(p)
+
+    def draw(self) -> float:
+        """The next boundary's uniform number."""
+        u, self._ahead = (self._ahead, None) if self._ahead is not None else (self._rng.random(), None)
+        return u
+
+    def peek(self) -> float:
+        """The next boundary's uniform number, without using it up."""
+        if self._ahead is None:
+            self._ahead = self._rng.random()
+        return self._ahead
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"rng": self._rng.getstate(), "ahead": self._ahead}
+
+    def load_state_dict(self, saved: Dict[str, Any]) -> None:
+        version, internal, gauss_next = saved["rng"]
+        self._rng.setstate((version, tuple(internal), gauss_next))
+        self._ahead = saved["ahead"]
+
+
+class Truncations(NamedTuple):
+    """Where a stream stands in its random truncations: ``run`` chunks since the last truncation (the chunk that
+    starts there included), and the start positions of the chunks the current window holds, oldest first (only
+    the truncation point without a cap; the last ``cap`` chunks' with one)."""
+
+    run: int
+    starts: Tuple[int, ...]
+
+
+def cross_boundary(
+    before: Optional[Truncations], position: int, u: float, artbp: ARTBP
+) -> Tuple[Truncations, float]:
+    """The truncations after a chunk starting at ``position`` (``u``: its uniform draw), and its compensation.
+
+    ``before is None``: a fresh stream starts here, which is a truncation (no draw is used).
+
+    >>> cross_boundary(Truncations(2, (4,)), 8, u=0.9, artbp=ARTBP(0.5))
+    (Truncations(run=3, starts=(4,)), 2.0)
+    """
+    if before is None:
+        return Truncations(1, (position,)), 1.0
+    p = artbp.probability(before.run)
+    if u < p:
+        return Truncations(1, (position,)), 1.0
+    starts = before.starts if artbp.cap is None else (before.starts + (position,))[-artbp.cap:]
+    return Truncations(before.run + 1, starts), 1.0 / (1.0 - p)
+
+
+def truncate(
+    chunks: List[Chunk], artbp: ARTBP, before: Optional[Truncations], stream: bool
+) -> Tuple[List[Chunk], Callable[[Chunk], List[int]], Truncations]:
+    """``chunks`` with the windows and compensations of random truncation, a function giving a chunk's later window
+    starts (as :func:`later_window_starts`), and the truncations after the last chunk.
+
+    Every chunk start is a boundary and uses one draw (a fresh stream's first start uses none). With ``stream`` the
+    next batch starts a chunk at the batch's end: its draw is peeked here, so that the last chunk knows whether a
+    later window reaches back into it.
+    """
+    out, state = [], before
+    for chunk in chunks:
+        state, factor = cross_boundary(state, chunk.start, u=artbp.draw() if state is not None else 0.0, artbp=artbp)
+        out.append(chunk._replace(window_start=state.starts[0], factor=factor))
+    following = [c.window_start for c in out[1:]]
+    if stream:
+        following.append(cross_boundary(state, out[-1].stop, artbp.peek(), artbp)[0].starts[0])
+    later = {c.index: [w] for c, w in zip(out, following) if w < c.stop}
+    return out, lambda c: later.get(c.index, []), state
+
+
 Steps = Union[int, RandomLength]
+Window = Union[int, ARTBP]
 
 
 def bptt_of(tbtt_step: Steps) -> int:
@@ -201,19 +332,31 @@ def bptt_of(tbtt_step: Steps) -> int:
 
 
 def batch_plan(
-    length: int, offset: int, tbtt_step: Steps, k2: int, stream: bool
-) -> Tuple[List[Chunk], Callable[[Chunk], List[int]]]:
-    """The chunks of a batch of ``length`` steps starting at stream position ``offset``, and a function giving a
-    chunk's later window starts (:func:`later_window_starts`), computed chunk by chunk.
+    length: int, offset: int, tbtt_step: Steps, k2: Window, stream: bool, truncations: Optional[Truncations] = None,
+) -> Tuple[List[Chunk], Callable[[Chunk], List[int]], Optional[Truncations]]:
+    """The chunks of a batch of ``length`` steps starting at stream position ``offset``, a function giving a
+    chunk's later window starts (:func:`later_window_starts`), computed chunk by chunk, and with ``k2=ARTBP(...)``
+    the stream's truncations after the batch (``truncations``: before it; ``None`` for a fresh stream).
 
     Fixed chunks lie on the ``k1`` grid from ``offset``. Random lengths are drawn chunk after chunk; the batch's
     end cuts the last chunk, and with ``stream`` the next batch starts a new chunk, whose length (and those of
-    the chunks after it, as far as a window can reach back) is drawn ahead here.
+    the chunks after it, as far as a window can reach back) is drawn ahead here. Random truncations are drawn at
+    every chunk start (:func:`truncate`).
 
-    >>> chunks, later = batch_plan(6, 0, 3, 4, stream=True)
+    >>> chunks, later, _ = batch_plan(6, 0, 3, 4, stream=True)
     >>> [(tuple(c), later(c)) for c in chunks]
-    [((0, 0, 3, 0), [2]), ((1, 3, 6, 2), [5])]
+    [((0, 0, 3, 0, 1.0), [2]), ((1, 3, 6, 2, 1.0), [5])]
     """
+    if isinstance(k2, ARTBP):
+        chunks, _ = _fixed_window_plan(length, offset, tbtt_step, bptt_of(tbtt_step), stream=False)
+        return truncate(chunks, k2, truncations, stream)
+    return (*_fixed_window_plan(length, offset, tbtt_step, k2, stream), None)
+
+
+def _fixed_window_plan(
+    length: int, offset: int, tbtt_step: Steps, k2: int, stream: bool
+) -> Tuple[List[Chunk], Callable[[Chunk], List[int]]]:
+    """:func:`batch_plan` for a window of ``k2`` steps."""
     if not isinstance(tbtt_step, RandomLength):
         chunks = plan_chunks(length, tbtt_step, k2, offset)
         return chunks, lambda c: later_window_starts(c, offset + length, tbtt_step, k2, stream)

@@ -16,12 +16,19 @@ from torch import nn
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
 from ignite_tbptt.batches import batch_chunks, chunk_sequence, split_batch
 from ignite_tbptt.checks import check_state_passing
-from ignite_tbptt.carry import CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine
+from ignite_tbptt.carry import (
+    CHUNK_LENGTHS_KEY, TRUNCATION_DRAWS_KEY, CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine,
+)
 from ignite_tbptt.distributed import average_gradients, is_ddp
 from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk, stop_requested
-from ignite_tbptt.schedule import Chunk, RandomLength, Steps, batch_plan, bptt_of, check_positive_int, check_steps
+from ignite_tbptt.schedule import (
+    ARTBP, Chunk, RandomLength, Steps, Window, batch_plan, bptt_of, check_positive_int, check_steps,
+)
 from ignite_tbptt.sequences import masked_pair
-from ignite_tbptt.updates import SKIPPED_UPDATES_ATTR, all_finite, count_skipped_updates, found_inf, scaled_learning_rate
+from ignite_tbptt.updates import (
+    SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, all_finite, count_skipped_updates, count_window_lengths, found_inf,
+    scaled_learning_rate,
+)
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
 
 __all__ = [
@@ -55,7 +62,7 @@ def supervised_tbptt_training_step(
     optimizer: torch.optim.Optimizer,
     loss_fn: Union[Callable, nn.Module],
     tbtt_step: Steps,
-    k2: Optional[int] = None,
+    k2: Optional[Window] = None,
     overlap: str = "recompute",
     dim: int = 0,
     device: Optional[Union[str, torch.device]] = None,
@@ -95,9 +102,10 @@ def supervised_tbptt_training_step(
     """
     bptt = bptt_of(tbtt_step)
     k2 = bptt if k2 is None else k2
-    check_steps(bptt, k2)
-    # The trainer's own draws: the user's RandomLength stays a description, and two trainers never share one.
+    # The trainer's own draws: the user's RandomLength or ARTBP stays a description, and two trainers never share one.
     lengths = copy.deepcopy(tbtt_step) if isinstance(tbtt_step, RandomLength) else None
+    truncations = copy.deepcopy(k2) if isinstance(k2, ARTBP) else None
+    check_steps(bptt, k2 if truncations is None else bptt)
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"overlap must be one of {sorted(OVERLAP_MODES)}, got {overlap!r}")
     for name, value in (("dim", dim), ("hidden_batch_dim", hidden_batch_dim)):
@@ -108,9 +116,9 @@ def supervised_tbptt_training_step(
         check_positive_int("checkpoint_every", checkpoint_every)
     if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
-    if is_ddp(model) and overlap == "retain" and k2 > bptt:
+    if is_ddp(model) and overlap == "retain" and (truncations is not None or k2 > bptt):
         raise ValueError(
-            'overlap="retain" with k2 > tbtt_step backpropagates each forward pass in several backward calls, '
+            'overlap="retain" with k2 > tbtt_step or k2=ARTBP(...) backpropagates each forward pass in several backward calls, '
             "which DistributedDataParallel cannot reduce; pass the plain model (the trainer then averages the "
             'gradients across processes itself) or use overlap="recompute"'
         )
@@ -214,6 +222,8 @@ def supervised_tbptt_training_step(
         if stop_requested(engine):
             return None
         count = getattr(engine.state, TIME_ITERATION_ATTR)
+        if truncations is not None:
+            getattr(engine.state, WINDOW_LENGTHS_ATTR)[chunk.stop - chunk.window_start] += 1
         if not model.training:  # a chunk handler ran an evaluation; train() walks every submodule: not per chunk
             model.train()
         if (count - 1) % accumulate == 0:
@@ -242,7 +252,9 @@ def supervised_tbptt_training_step(
             unchecked = False
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         info = stream.mark_burn_in(info, length)
-        chunks, later_of = batch_plan(length, offset, lengths or tbtt_step, k2, stream.carry)
+        chunks, later_of, stream.truncations = batch_plan(
+            length, offset, lengths or tbtt_step, truncations or k2, stream.carry, stream.truncations
+        )
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
         model.train()
         total, total_weight, predictions, done = None, 0, [], 0
@@ -268,7 +280,8 @@ def supervised_tbptt_training_step(
         return output_transform(x, y, y_pred, mean)
 
     update.carried_state = stream  # type: ignore[attr-defined]
-    update.chunk_lengths = lengths  # type: ignore[attr-defined]
+    draws = {CHUNK_LENGTHS_KEY: lengths, TRUNCATION_DRAWS_KEY: truncations}
+    update.draws = {key: d for key, d in draws.items() if d is not None}  # type: ignore[attr-defined]
     return update
 
 
@@ -281,7 +294,7 @@ def create_supervised_tbptt_trainer(
     device: Optional[Union[str, torch.device]] = None,
     non_blocking: bool = False,
     prepare_batch: Callable = _prepare_batch,
-    k2: Optional[int] = None,
+    k2: Optional[Window] = None,
     overlap: str = "recompute",
     model_fn: Callable = default_model_fn,
     output_transform: Callable = _default_output_transform,
@@ -411,4 +424,6 @@ def create_supervised_tbptt_trainer(
     engine = tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
     if skip_nonfinite:
         count_skipped_updates(engine)
+    if isinstance(k2, ARTBP):
+        count_window_lengths(engine)
     return engine

@@ -1,16 +1,22 @@
 """What an optimizer update needs beyond ``optimizer.step()``: the finiteness checks of ``skip_nonfinite``, its
-count of skipped updates, and the scaled learning rate of random chunk lengths."""
+count of skipped updates, the scaled learning rate of random chunk lengths, and the tally of random windows."""
 
+import collections
 import contextlib
-from typing import Iterator, List
+from typing import Any, Callable, Iterator, List
 
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["SKIPPED_UPDATES_ATTR", "all_finite", "count_skipped_updates", "found_inf", "scaled_learning_rate"]
+__all__ = [
+    "SKIPPED_UPDATES_ATTR", "WINDOW_LENGTHS_ATTR", "all_finite", "count_skipped_updates", "count_window_lengths",
+    "found_inf", "keep_per_run", "scaled_learning_rate",
+]
 
 #: The ``engine.state`` attribute that counts the updates ``skip_nonfinite`` skipped.
 SKIPPED_UPDATES_ATTR = "skipped_updates"
+#: The ``engine.state`` attribute that counts the updates by the length of their backprop window (``ARTBP``).
+WINDOW_LENGTHS_ATTR = "window_lengths"
 
 
 def all_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -55,12 +61,23 @@ def scaled_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> Ite
             group["lr"] = lr
 
 
-def count_skipped_updates(engine: Engine) -> None:
-    """Keep ``engine.state.skipped_updates``: 0 at every fresh run, and saved in ``state_dict()``."""
-    setattr(engine.state, SKIPPED_UPDATES_ATTR, 0)
-    engine.state_dict_user_keys.append(SKIPPED_UPDATES_ATTR)
+def keep_per_run(engine: Engine, attr: str, fresh: Callable[[], Any]) -> None:
+    """Keep ``engine.state.<attr>``: ``fresh()`` at every fresh run, and saved in ``state_dict()``."""
+    setattr(engine.state, attr, fresh())
+    engine.state_dict_user_keys.append(attr)
 
     @engine.on(Events.STARTED)
-    def reset_count(engine: Engine) -> None:
+    def restart(engine: Engine) -> None:
         if engine.state.iteration == 0:  # not a run resumed from a state_dict
-            setattr(engine.state, SKIPPED_UPDATES_ATTR, 0)
+            setattr(engine.state, attr, fresh())
+
+
+def count_skipped_updates(engine: Engine) -> None:
+    """Keep ``engine.state.skipped_updates``: 0 at every fresh run, and saved in ``state_dict()``."""
+    keep_per_run(engine, SKIPPED_UPDATES_ATTR, int)
+
+
+def count_window_lengths(engine: Engine) -> None:
+    """Keep ``engine.state.window_lengths``, a ``Counter`` of backprop window lengths in steps over the run's
+    updates (random with ``k2=ARTBP(...)``), empty at every fresh run and saved in ``state_dict()``."""
+    keep_per_run(engine, WINDOW_LENGTHS_ATTR, collections.Counter)

@@ -70,6 +70,35 @@ def detached(value: Any) -> Any:
     return None if value is None else apply_to_tensor(value, torch.Tensor.detach)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """The identity forward, the gradient times ``factor`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def compensated(hidden: Any, factor: float) -> Any:
+    """``hidden`` unchanged, with the gradient that flows back through it multiplied by ``factor``.
+
+    Unbiased truncation (:class:`~ignite_tbptt.schedule.ARTBP`) puts it at every boundary a window crosses.
+
+    >>> h = torch.ones(2, requires_grad=True)
+    >>> compensated(h, 4.0).sum().backward()
+    >>> h.grad.tolist()
+    [4.0, 4.0]
+    """
+    if factor == 1.0 or hidden is None:
+        return hidden
+    scale = lambda t: _ScaleGrad.apply(t, factor) if t.requires_grad else t  # noqa: E731
+    return apply_to_tensor(hidden, scale)
+
+
 def run_span(gates: GateTrack, forward: Callable, x: torch.Tensor, hidden: Any, start: int, checkpointed: bool) -> Any:
     """One model call over a span starting at ``start``, under activation checkpointing if asked.
 
@@ -151,6 +180,7 @@ class RecomputeWindow:
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
         self.checkpoint_every = checkpoint_every
         self.inputs, self.gates = _Inputs(dim), GateTrack(hidden_batch_dim)
+        self.factors: Dict[int, float] = {}  # the compensations (ARTBP) at the chunk starts a window may still cross
         self.reset()
 
     def _call(self, x: torch.Tensor, hidden: Optional[Hidden]) -> Tuple[Any, Hidden]:
@@ -160,12 +190,15 @@ class RecomputeWindow:
         """Start a fresh stream at position 0: no state, no inputs."""
         self.inputs.clear()
         self.gates.clear()
+        self.factors.clear()
         self.state_at, self.hidden = 0, None
 
     def forward(self, chunk: Chunk, later_starts: List[int], x: torch.Tensor, gates: List[Gate]) -> Any:
         """Run the window of ``chunk`` forward; return the predictions over the chunk."""
         self.inputs.add(chunk.start, chunk.stop, x)
         self.gates.add(gates)
+        if chunk.factor != 1.0:
+            self.factors[chunk.start] = chunk.factor
         # The kept state sits at this window's start: the previous update kept it at the first later window
         # start, and the next chunk always starts where the schedule expected it.
         hidden = None if self.hidden is None else self.detach(self.hidden)
@@ -173,9 +206,12 @@ class RecomputeWindow:
         outputs = []
         cuts = [
             chunk.start, next_start, *self.gates.cuts(self.state_at, chunk.stop),
-            *checkpoint_cuts(self.state_at, chunk.stop, self.checkpoint_every),
+            *checkpoint_cuts(self.state_at, chunk.stop, self.checkpoint_every), *self.factors,
         ]
-        for a, b in segment_spans(self.state_at, chunk.stop, cuts):
+        window_start = self.state_at
+        for a, b in segment_spans(window_start, chunk.stop, cuts):
+            if a > window_start:  # a crossed boundary; the window's own start is held constant
+                hidden = compensated(hidden, self.factors.get(a, 1.0))
             y_pred, hidden = run_span(self.gates, self._call, self.inputs.over(a, b), hidden, a, bool(self.checkpoint_every))
             if a >= chunk.start:
                 outputs.append(y_pred)
@@ -183,6 +219,7 @@ class RecomputeWindow:
                 self.state_at, self.hidden = b, hidden  # kept with its graph; detached where a window starts
         self.inputs.drop_before(next_start)
         self.gates.drop_before(next_start)
+        self.factors = {j: f for j, f in self.factors.items() if j > next_start}
         return cat_time(outputs, self.dim)
 
     def backward(self, loss: Optional[torch.Tensor]) -> None:
@@ -197,12 +234,14 @@ class RecomputeWindow:
             "hidden": detached(self.hidden),
             "inputs": self.inputs.state_dict(),
             "gates": self.gates.state_dict(),
+            "factors": dict(self.factors),
         }
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
         self.state_at, self.hidden = saved["state_at"], saved["hidden"]
         self.inputs.load_state_dict(saved["inputs"])
         self.gates.load_state_dict(saved["gates"])
+        self.factors = dict(saved.get("factors", {}))
 
 
 Params = Dict[str, torch.Tensor]
@@ -211,8 +250,9 @@ Params = Dict[str, torch.Tensor]
 class _Segment(NamedTuple):
     """A retained stretch ``(start, stop]`` of the forward pass: its input state leaf, output state, inputs,
     the parameter clones it keeps (only under activation checkpointing, whose re-runs read them; else the graph
-    keeps what it saved, and nothing more), and the floating tensors of both states, flattened once here rather
-    than by every window that chains through it."""
+    keeps what it saved, and nothing more), the floating tensors of both states, flattened once here rather
+    than by every window that chains through it, and the compensation (ARTBP) by which the state gradient is
+    multiplied on its way out of the segment's start into the segment before."""
 
     start: int
     stop: int
@@ -222,6 +262,7 @@ class _Segment(NamedTuple):
     params: Optional[Params]
     in_leaves: List[torch.Tensor]
     out_leaves: List[torch.Tensor]
+    factor: float = 1.0
 
 
 def _grad_leaf(hidden: Optional[Hidden], detach: Callable) -> Optional[Hidden]:
@@ -358,6 +399,8 @@ class RetainWindow:
             else:
                 h_in = None if self.hidden is None else self.detach(self.hidden)
             segment = self._run_segment(a, b, x.narrow(self.dim, a - chunk.start, b - a), h_in, params, outputs)
+            if a == chunk.start and chunk.factor != 1.0:
+                segment = segment._replace(factor=chunk.factor)
             segments.append(segment)
             self.hidden = segment.h_out
         self.segments.extend(segments)
@@ -427,7 +470,7 @@ class RetainWindow:
         in_window = [s for s in self.segments if s.start >= window_start]
         for seg, prev in zip(in_window[:0:-1], in_window[-2::-1]):
             pairs = [
-                (out, grad)
+                (out, grad if seg.factor == 1.0 else grad * seg.factor)
                 for out, grad in zip(prev.out_leaves, _take_state_grad(seg.in_leaves))
                 if grad is not None and out.requires_grad
             ]
@@ -458,7 +501,7 @@ class RetainWindow:
                 version = index[id(seg.params)]
             else:
                 saved = [detached(t) for _, t in saved_tensors(seg.out_leaves)]
-            segments.append((seg.start, seg.stop, detached(seg.h_in), seg.x.clone(), version, saved))
+            segments.append((seg.start, seg.stop, detached(seg.h_in), seg.x.clone(), version, saved, seg.factor))
         return {"hidden": detached(self.hidden), "segments": segments, "versions": versions, "gates": self.gates.state_dict()}
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
@@ -467,12 +510,12 @@ class RetainWindow:
         live = dict(self.call.named_parameters())
         # Old values, with the gradient flowing into the live parameters as it would through a clone.
         versions = [{n: v + (live[n] - live[n].detach()) for n, v in version.items()} for version in saved["versions"]]
-        for start, stop, h_in, x, version, tensors in saved["segments"]:
+        for start, stop, h_in, x, version, tensors, factor in saved["segments"]:
             params = self._clones(from_state=h_in is not None) if version is None else versions[version]
             segment = self._run_segment(start, stop, x, _grad_leaf(h_in, self.detach), params, [])
             if tensors is not None:
                 restore_saved_tensors(segment.out_leaves, tensors)
-            self.segments.append(segment)
+            self.segments.append(segment._replace(factor=factor))
         self.hidden = saved["hidden"]
 
 

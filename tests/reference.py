@@ -45,16 +45,24 @@ def _gated_step(model, theta, x_t, hidden, keep, valid, cut=None):
     return y_t, new
 
 
+def _compensate(hidden, factor):
+    """``hidden`` with its gradient multiplied by ``factor`` (the value unchanged up to rounding)."""
+    return _zip_map(lambda h: h * factor + h.detach() * (1 - factor), hidden)
+
+
 def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid=None, resets=None, accumulate=1,
-                         bounds=None, burn_in=0):
+                         bounds=None, burn_in=0, windows=None, factors=None, rate_by_length=True):
     """Parameters after every SGD update of TBPTT(k1, k2) over one sequence, as a list of dicts.
 
     ``valid`` and ``resets`` (time-major ``(T, B)`` bools, ``dim=0`` only) mark padded steps and the steps
     before which a sample's state is zeroed; a chunk's loss is ``loss_fn`` over its valid (step, sample) pairs.
     With ``accumulate = N`` the parameters change after every N-th chunk, by the mean of the N chunks' gradients.
     ``bounds`` replays given chunks ``(s, t)`` instead of the ``k1`` grid (random lengths, with ``k1`` their
-    ``bptt``); each update's rate is then ``lr * (t - s) / k1``. With ``burn_in = b`` every sample's first ``b``
+    ``bptt``); each update's rate is then ``lr * (t - s) / k1`` (``rate_by_length=False``: ``lr``). With ``burn_in = b`` every sample's first ``b``
     valid steps after its state starts afresh score nothing, and its state is held constant after them.
+    ``windows`` gives each update's window start instead of ``max(0, s - (k2 - k1))`` (random truncation), and
+    ``factors`` maps a position to the factor by which a backward pass that crosses it multiplies the state
+    gradient (ARTBP's compensation).
     """
     keeps = [None] * x.shape[dim] if resets is None else [~r if r.any() else None for r in resets]
     valids = [None] * x.shape[dim] if valid is None else list(valid)
@@ -69,8 +77,8 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid
     pending = {n: torch.zeros_like(v) for n, v in params.items()}
     chunks = bounds if bounds is not None else [(s, min(s + k1, T)) for s in range(0, T, k1)]
     for c, (s, t) in enumerate(chunks):
-        w = max(0, s - o)
-        rate = lr * (t - s) / k1 if bounds is not None else lr
+        w = max(0, s - o) if windows is None else windows[c]
+        rate = lr * (t - s) / k1 if bounds is not None and rate_by_length else lr
         if overlap == "retain":
             hidden = states[s]
             for i in range(s, t):
@@ -83,6 +91,8 @@ def reference_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, dim=0, valid
             thetas = [current] * (t - w)
         hidden, outputs = states[w], []
         for i in range(w, t):
+            if factors and i > w and i in factors:
+                hidden = _compensate(hidden, factors[i])
             y_pred, hidden = _gated_step(model, thetas[i - w], step_x[i], hidden, keeps[i], valids[i], cuts[i])
             if overlap != "retain":
                 states[i + 1] = _detach_hidden(hidden)

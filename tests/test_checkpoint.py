@@ -123,7 +123,7 @@ def test_a_window_that_does_not_rebuild_to_its_saved_graph_is_refused():
     _, _, trainer = setup("retain", False)
     trainer.run(stream_batches(2), max_epochs=1)
     saved = trainer.state_dict()
-    start, stop, h_in, x, version, tensors = saved[CARRIED_STATE_KEY]["window"]["segments"][0]
-    saved[CARRIED_STATE_KEY]["window"]["segments"][0] = (start, stop, h_in, x, version, tensors[:-1])
+    start, stop, h_in, x, version, tensors, factor = saved[CARRIED_STATE_KEY]["window"]["segments"][0]
+    saved[CARRIED_STATE_KEY]["window"]["segments"][0] = (start, stop, h_in, x, version, tensors[:-1], factor)
     with pytest.raises(ValueError, match="does not rebuild to the graph it was saved from"):
         setup("retain", False)[2].load_state_dict(saved)

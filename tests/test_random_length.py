@@ -111,7 +111,7 @@ def test_property_random_chunks_match_the_reference(T, bptt, extra, seed, overla
 
 def test_the_plan_draws_ahead_for_windows_that_reach_into_the_next_batch():
     lengths = RandomLength(4, p_full=1.0, std=0.0, min_length=1)  # always 4
-    chunks, later_of = batch_plan(6, 0, lengths, k2=9, stream=True)
+    chunks, later_of, _ = batch_plan(6, 0, lengths, k2=9, stream=True)
     assert [(c.start, c.stop) for c in chunks] == [(0, 4), (4, 6)]
     assert later_of(chunks[1]) == [1, 5]  # the next batch's chunks start at 6 and 10: windows from 1 and 5
 
