@@ -67,7 +67,7 @@ def _reset_peak_rss() -> None:
 def child(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """One measurement, in this (fresh) process."""
     bc.set_malloc(cfg["malloc"])
-    from ignite_tbptt import create_supervised_tbptt_trainer
+    from ignite_tbptt import ARTBP, create_supervised_tbptt_trainer
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
@@ -86,8 +86,9 @@ def child(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if cfg["who"] == "hand-written loop":
         step = lambda x, y: bc.hand_written(model, optimizer, loss_fn, x, y, cfg["k1"])  # noqa: E731
     else:
+        k2 = ARTBP(**cfg["artbp"]) if cfg.get("artbp") else cfg["k2"]  # random truncation (bench_artbp)
         trainer = create_supervised_tbptt_trainer(
-            model, optimizer, loss_fn, tbtt_step=cfg["k1"], k2=cfg["k2"], overlap=cfg["overlap"], **cfg["extra"]
+            model, optimizer, loss_fn, tbtt_step=cfg["k1"], k2=k2, overlap=cfg["overlap"], **cfg["extra"]
         )
         step = lambda x, y: trainer.run([(x, y)])  # noqa: E731
     step(*data(cfg["k1"], 1))  # warm-up: load code and kernels, allocate little

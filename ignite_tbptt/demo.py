@@ -14,6 +14,7 @@ Run it with ``python -m ignite_tbptt.demo`` (or the ``ignite-tbptt-demo`` consol
 
     python -m ignite_tbptt.demo --epochs 1 --k1 25 --k2 50 --overlap retain
     python -m ignite_tbptt.demo --nproc 2
+    python -m ignite_tbptt.demo --artbp 0.5 --artbp-cap 8
 """
 
 import argparse
@@ -32,6 +33,7 @@ from ignite.metrics import Loss
 from torch import nn
 
 from ignite_tbptt import (
+    ARTBP,
     ChunkProgressBar,
     RandomLength,
     StreamBatches,
@@ -151,6 +153,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--k2", type=int, default=None, help="time steps to backpropagate (default: k1)")
     parser.add_argument("--bptt-random", action="store_true",
                         help="AWD-LSTM's random chunk lengths around --k1 (RandomLength), the rate scaled by length")
+    parser.add_argument("--artbp", type=float, metavar="P", default=None,
+                        help="unbiased truncation instead of --k2: truncate at each chunk boundary with probability P (ARTBP)")
+    parser.add_argument("--artbp-cap", type=int, metavar="C", default=None,
+                        help="with --artbp: backpropagate at most C chunks (default: no cap)")
     parser.add_argument("--overlap", choices=["recompute", "retain"], default="recompute")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=256, help="LSTM hidden size")
@@ -169,6 +175,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.k2 is not None and args.k2 < args.k1:
         parser.error(f"--k2 ({args.k2}) must be >= --k1 ({args.k1})")
+    if args.artbp is not None and args.k2 is not None:
+        parser.error("give --k2 (a fixed window) or --artbp (random truncation), not both")
+    if args.artbp_cap is not None and args.artbp is None:
+        parser.error("--artbp-cap needs --artbp")
+    try:
+        args.window = args.k2 if args.artbp is None else ARTBP(args.artbp, cap=args.artbp_cap, seed=args.seed)
+    except ValueError as e:
+        parser.error(f"--artbp: {e}")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if args.nproc > 1 and launched_by_torchrun():
@@ -218,7 +232,7 @@ def train(local_rank: int, args: argparse.Namespace, corpus: Corpus) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     tbtt_step = RandomLength(args.k1, seed=args.seed) if args.bptt_random else args.k1
     trainer = create_supervised_tbptt_trainer(
-        model, optimizer, sequence_loss, tbtt_step=tbtt_step, k2=args.k2, overlap=args.overlap, carry_state=True
+        model, optimizer, sequence_loss, tbtt_step=tbtt_step, k2=args.window, overlap=args.overlap, carry_state=True
     )
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: batches.set_epoch(engine.state.epoch - 1))
     TbpttLoss().attach(trainer, "loss")  # the epoch's training loss, over all its time steps and processes
@@ -230,7 +244,7 @@ def train(local_rank: int, args: argparse.Namespace, corpus: Corpus) -> None:
         f"{len(corpus.train)} document(s), vocabulary {len(corpus.vocab)}; {len(batches)} batches of "
         f"{args.batch_size} x {args.seq_len}"
         f"{f' on {world} processes' if world > 1 else ''}; TBPTT(k1={args.k1}{' random' if args.bptt_random else ''}, "
-        f"k2={args.k2 or args.k1}, {args.overlap})"
+        f"k2={args.window or args.k1}, {args.overlap})"
     )
     if first:
         attach_progress(trainer, every=200, bar=not args.no_progress)

@@ -14,6 +14,7 @@ Example:
 """
 
 import math
+import numbers
 import random
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
@@ -232,7 +233,7 @@ class ARTBP:
                 raise TypeError(f"ARTBP: cap must be an int or None, got {type(cap).__name__} ({cap!r})")
             if cap < 1:
                 raise ValueError(f"ARTBP: cap must be >= 1 (a window holds at least its own chunk), got {cap}")
-        if not callable(p) and (isinstance(p, bool) or not isinstance(p, (int, float))):
+        if not callable(p) and (isinstance(p, bool) or not isinstance(p, numbers.Real)):
             raise TypeError(f"ARTBP: p must be a float or a function of the window length, got {type(p).__name__}")
         self.p, self.cap, self.seed = p, cap, seed
         self.probability(1)  # a bad p fails here, before anything trains
@@ -245,7 +246,7 @@ class ARTBP:
     def probability(self, length: int) -> float:
         """The truncation probability at a boundary where the window holds ``length`` chunks."""
         p = self.p(length) if callable(self.p) else self.p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
             where = f"p({length}) returned" if callable(self.p) else "p must be a probability in [0, 1), got"
             raise ValueError(
                 f"ARTBP: {where} {p!r}; a truncation probability must lie in [0, 1) (at 1 the compensation "

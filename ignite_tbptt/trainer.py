@@ -104,8 +104,8 @@ def supervised_tbptt_training_step(
     k2 = bptt if k2 is None else k2
     # The trainer's own draws: the user's RandomLength or ARTBP stays a description, and two trainers never share one.
     lengths = copy.deepcopy(tbtt_step) if isinstance(tbtt_step, RandomLength) else None
-    truncations = copy.deepcopy(k2) if isinstance(k2, ARTBP) else None
-    check_steps(bptt, k2 if truncations is None else bptt)
+    artbp = copy.deepcopy(k2) if isinstance(k2, ARTBP) else None
+    check_steps(bptt, k2 if artbp is None else bptt)
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"overlap must be one of {sorted(OVERLAP_MODES)}, got {overlap!r}")
     for name, value in (("dim", dim), ("hidden_batch_dim", hidden_batch_dim)):
@@ -116,7 +116,7 @@ def supervised_tbptt_training_step(
         check_positive_int("checkpoint_every", checkpoint_every)
     if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
-    if is_ddp(model) and overlap == "retain" and (truncations is not None or k2 > bptt):
+    if is_ddp(model) and overlap == "retain" and (artbp is not None or k2 > bptt):
         raise ValueError(
             'overlap="retain" with k2 > tbtt_step or k2=ARTBP(...) backpropagates each forward pass in several backward calls, '
             "which DistributedDataParallel cannot reduce; pass the plain model (the trainer then averages the "
@@ -222,7 +222,7 @@ def supervised_tbptt_training_step(
         if stop_requested(engine):
             return None
         count = getattr(engine.state, TIME_ITERATION_ATTR)
-        if truncations is not None:
+        if artbp is not None:
             getattr(engine.state, WINDOW_LENGTHS_ATTR)[chunk.stop - chunk.window_start] += 1
         if not model.training:  # a chunk handler ran an evaluation; train() walks every submodule: not per chunk
             model.train()
@@ -253,7 +253,7 @@ def supervised_tbptt_training_step(
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         info = stream.mark_burn_in(info, length)
         chunks, later_of, stream.truncations = batch_plan(
-            length, offset, lengths or tbtt_step, truncations or k2, stream.carry, stream.truncations
+            length, offset, lengths or tbtt_step, artbp or k2, stream.carry, stream.truncations
         )
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
         model.train()
@@ -280,7 +280,7 @@ def supervised_tbptt_training_step(
         return output_transform(x, y, y_pred, mean)
 
     update.carried_state = stream  # type: ignore[attr-defined]
-    draws = {CHUNK_LENGTHS_KEY: lengths, TRUNCATION_DRAWS_KEY: truncations}
+    draws = {CHUNK_LENGTHS_KEY: lengths, TRUNCATION_DRAWS_KEY: artbp}
     update.draws = {key: d for key, d in draws.items() if d is not None}  # type: ignore[attr-defined]
     return update
 
@@ -341,8 +341,9 @@ def create_supervised_tbptt_trainer(
       padded or masked shards train as one process on the whole batch; a ``DistributedDataParallel`` model
       reduces its own (an unweighted mean).
     - ``engine.terminate()`` or ``terminate_epoch()`` in a chunk handler stops before the next chunk starts.
-    - Random chunk lengths (:class:`~ignite_tbptt.schedule.RandomLength`), burn-in (``burn_in``), skipped
-      non-finite updates (``skip_nonfinite``) and a check that the model passes its state on (``check_state``).
+    - Random chunk lengths (:class:`~ignite_tbptt.schedule.RandomLength`), unbiased truncation
+      (``k2=``:class:`~ignite_tbptt.schedule.ARTBP`), burn-in (``burn_in``), skipped non-finite updates
+      (``skip_nonfinite``) and a check that the model passes its state on (``check_state``).
     - Batches from :class:`~ignite_tbptt.data.StreamBatches` carry their stream position; with carried state a
       batch that does not continue the stream is refused.
 
@@ -359,7 +360,10 @@ def create_supervised_tbptt_trainer(
         prepare_batch: ``prepare_batch((x_chunk, y_chunk), device, non_blocking) -> (x, y)``, called once per
             chunk, so a long sequence can stay on the host and reach the device a chunk at a time.
         k2: how many steps each update backpropagates; ``None`` means ``tbtt_step`` (a ``RandomLength``'s
-            ``bptt``), and ``k2 - bptt`` is then the fixed overlap before every chunk.
+            ``bptt``), and ``k2 - bptt`` is then the fixed overlap before every chunk. Or
+            :class:`~ignite_tbptt.schedule.ARTBP`: random truncation at chunk boundaries with compensation factors,
+            whose expected gradient is the gradient through the whole stream (SPEC "Unbiased truncation"); its
+            draws are part of ``state_dict()`` and ``engine.state.window_lengths`` counts the windows.
         overlap: ``"recompute"`` or ``"retain"``: how the ``k2 - k1`` overlap steps are differentiated.
         model_fn: ``model_fn(model, x, hidden) -> (y_pred, hidden)``.
         output_transform: ``output_transform(x, y, y_pred, loss)`` gives ``engine.state.output`` per batch.

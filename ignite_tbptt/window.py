@@ -16,6 +16,8 @@ step belong to the caller. Scheduling comes from
   window keeps nothing else of the parameters: the graphs hold the clones they saved.
 
 With ``k2 == k1`` both reduce to Ignite's trainer: one forward and one backward per chunk, nothing retained.
+Under unbiased truncation (:class:`~ignite_tbptt.schedule.ARTBP`) a chunk carries the compensation ``factor`` of
+its start: both windows multiply the state gradient by it wherever a backward pass crosses that position.
 """
 
 import contextlib

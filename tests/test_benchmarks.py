@@ -25,6 +25,7 @@ overlap = load("overlap")  # puts benchmarks/ on sys.path for its bench_* module
 bench_stream = load("bench_stream")
 bench_compile = load("bench_compile")
 bench_burn_in = load("bench_burn_in")
+bench_artbp = load("bench_artbp")
 import bench_common as bc  # noqa: E402
 
 
@@ -120,3 +121,28 @@ def test_burn_in_benchmark_quick_run(capsys):
     bench_burn_in.main(["--quick"])
     out = capsys.readouterr().out
     assert "| every step scored |" in out and "| burn_in=20 |" in out, out
+
+
+def test_the_hand_written_artbp_loop_computes_what_the_trainer_computes():
+    from ignite_tbptt import ARTBP
+    from ignite_tbptt.schedule import plan_chunks, truncate
+
+    x, y = bc.make_data(60, 3, 4, torch.device("cpu"))
+    x, y = x.double(), y.double()
+    chunks = truncate(plan_chunks(60, 5, 5), ARTBP(0.3, cap=4, seed=1), None, stream=False)[0]
+    assert any(c.factor != 1.0 and c.window_start < c.start for c in chunks)
+    models = [bc.make_model("lstm", 4, 8, torch.device("cpu")).double() for _ in range(2)]
+    by_hand = torch.optim.SGD(models[0].parameters(), lr=0.1)
+    bench_artbp.hand_written_artbp(models[0], by_hand, nn.MSELoss(), x, y, chunks)
+    trainer = create_supervised_tbptt_trainer(models[1], torch.optim.SGD(models[1].parameters(), lr=0.1), nn.MSELoss(),
+                                              tbtt_step=5, k2=ARTBP(0.3, cap=4, seed=1))
+    trainer.run([(x, y)])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_artbp_benchmark_quick_run(capsys):
+    bench_artbp.main(["--quick", "--sections", "speed", "noise"])
+    out = capsys.readouterr().out
+    for line in ("| hand-written ARTBP loop (recompute) |", "| ignite_tbptt ARTBP, retain |", "ARTBP's gradient over its draws"):
+        assert line in out, out

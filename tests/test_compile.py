@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ignite_tbptt import create_supervised_tbptt_trainer
+from ignite_tbptt import ARTBP, create_supervised_tbptt_trainer
 from tests.models import cpu_runs_bfloat16_lstm, make_data, make_model
 
 torch_dynamo = pytest.importorskip("torch._dynamo")
@@ -23,6 +23,7 @@ CASES = {  # name: (k1, k2, trainer options, batches of (x, y[, info]))
     "checkpoint_every": (2, 8, {"checkpoint_every": 3}, "plain"),
     "amp": (3, 6, {"amp_mode": "amp"}, "plain"),
     "k2 == k1": (4, 4, {"carry_state": True}, "stream"),
+    "ARTBP": (3, ARTBP(0.4, cap=4, seed=1), {"carry_state": True}, "stream"),
 }
 
 

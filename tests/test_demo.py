@@ -38,10 +38,21 @@ def test_random_chunk_lengths_in_the_main_job(tmp_path, capsys):
     assert "TBPTT(k1=5 random, k2=5, recompute)" in capsys.readouterr().out
 
 
+def test_unbiased_truncation_in_the_main_job(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    assert demo.main(["--text", str(text), "--artbp", "0.5", "--artbp-cap", "3"] + TOY) == 0
+    assert "k2=ARTBP(p=0.5, cap=3, seed=0), recompute)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--text", "/no/such/file.txt"], "no such file"),
+        (["--artbp", "1.0"], r"--artbp: ARTBP: p must be a probability in \[0, 1\)"),
+        (["--artbp", "0.5", "--k2", "50"], "not both"),
+        (["--artbp-cap", "4"], "--artbp-cap needs --artbp"),
+        (["--artbp", "0.5", "--artbp-cap", "0"], "cap must be >= 1"),
         (["--k1", "0"], "--k1 must be >= 1"),
         (["--k1", "5", "--k2", "3"], r"--k2 \(3\) must be >= --k1 \(5\)"),
         (["--overlap", "keep"], "invalid choice"),
