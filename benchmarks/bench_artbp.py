@@ -23,7 +23,7 @@ import io
 import re
 import statistics
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ def hand_written_artbp(model, optimizer, loss_fn, x, y, chunks) -> None:
     """
     states: Dict[int, Any] = {0: None}  # the state at each chunk start, as the latest run computed it
     for c in chunks:
-        h, outs = states[c.window_start], []
+        h = states[c.window_start]
         h = None if h is None else bc.detach(h)
         for d in chunks[:c.index + 1]:
             if d.start < c.window_start:
@@ -52,9 +52,8 @@ def hand_written_artbp(model, optimizer, loss_fn, x, y, chunks) -> None:
                     t.register_hook(lambda g, f=d.factor: g * f)
             y_pred, h = model(x[d.start:d.stop]) if h is None else model(x[d.start:d.stop], h)
             states[d.stop] = h
-        outs.append(y_pred)
         optimizer.zero_grad()
-        loss_fn(torch.cat(outs), y[c.start:c.stop]).backward()
+        loss_fn(y_pred, y[c.start:c.stop]).backward()  # y_pred: the chunk's own, from the window's last call
         optimizer.step()
         states = {p: (bc.detach(s) if s is not None else None) for p, s in states.items() if p >= c.window_start}
 

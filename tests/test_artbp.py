@@ -15,6 +15,7 @@ from ignite_tbptt import ARTBP, RandomLength, Tbptt_Events, create_supervised_tb
 from ignite_tbptt.schedule import batch_plan, plan_chunks, truncate
 from tests.models import make_data, make_model
 from tests.reference import reference_trajectory
+from tests.test_burn_in import mask, resets_at
 from tests.test_k1k2 import LR, assert_same_trajectory
 
 MODES = ["recompute", "retain"]
@@ -181,20 +182,9 @@ def test_matches_the_reference_with_the_factors(kind, T, k1, p, cap, overlap):
         assert any(c.factor != 1.0 and c.window_start < c.start for c in record["chunks"])
 
 
-def mask(T, lengths):
-    return torch.arange(T).unsqueeze(1) < torch.tensor(lengths).unsqueeze(0)
-
-
-def with_resets(T, B, places):
-    r = torch.zeros(T, B, dtype=torch.bool)
-    for t, b in places:
-        r[t, b] = True
-    return r
-
-
 FEATURES = {  # name: (trainer options, batch pieces, sequence info)
     "carry_state": ({}, [6, 9, 5], None),
-    "padding and resets": ({}, None, {"mask": mask(20, [20, 15, 9]), "resets": with_resets(20, 3, [(5, 0), (11, 1)])}),
+    "padding and resets": ({}, None, {"mask": mask(20, [20, 15, 9]), "resets": resets_at(20, 3, [(5, 0), (11, 1)])}),
     "burn_in": ({"burn_in": 5}, [8, 12], None),
     "checkpoint_every": ({"checkpoint_every": 3}, [9, 11], None),
     "accumulation": ({"gradient_accumulation_steps": 2}, None, None),
