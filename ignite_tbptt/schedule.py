@@ -1,12 +1,14 @@
 """Pure scheduling for TBPTT(k1, k2): chunks, backprop windows and segment cuts as plain integers.
 
-Nothing here knows about torch. Positions are time steps in *stream* coordinates: a chunk or a segment
-``(start, stop]`` covers the steps ``start + 1 .. stop``, so its length is ``stop - start``. See
-``SPEC.md`` for the definitions this module implements:
+Nothing here knows about torch; the random draws (:class:`RandomLength`, :class:`ARTBP`) are made here too,
+from seeded ``random.Random`` generators whose state the trainer saves. Positions are time steps in *stream*
+coordinates: a chunk or a segment ``(start, stop]`` covers the steps ``start + 1 .. stop``, so its length is
+``stop - start``. See ``SPEC.md`` for the definitions this module implements:
 
 - chunk ``c`` is ``(s_c, t_c]``, with ``t_c = s_c + k1`` and a shorter last chunk;
 - its update differentiates the window ``(w_c, t_c]``, ``w_c = max(0, s_c - (k2 - k1))``; position 0 is
-  where the stream (and its hidden state) started afresh.
+  where the stream (and its hidden state) started afresh;
+- with ``k2=ARTBP(p)``, ``w_c`` is the last random truncation at or before ``s_c`` (:func:`truncate`).
 
 Example:
     >>> [tuple(c)[:4] for c in plan_chunks(length=10, k1=3, k2=5)]
@@ -21,7 +23,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optio
 
 __all__ = [
     "ARTBP", "Chunk", "RandomLength", "Truncations", "batch_plan", "check_positive_int", "check_steps", "checkpoint_cuts",
-    "plan_chunks", "later_window_starts", "segment_spans", "truncate", "window_starts_after",
+    "cross_boundary", "plan_chunks", "later_window_starts", "segment_spans", "truncate", "window_starts_after",
 ]
 
 
