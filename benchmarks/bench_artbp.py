@@ -126,7 +126,8 @@ def noise_section(args) -> str:
     batch = next(iter(batches))
     last = seq_len // k1 - 1  # the batch's last update: the one with the most boundaries to cross
 
-    def gradients(k2, repeats):
+    def gradients(k2, data):
+        """The gradient of update ``last`` of every batch of ``data``, each batch a fresh stream, learning rate 0."""
         trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
                                                   demo.sequence_loss, tbtt_step=k1, k2=k2)
         seen = []
@@ -136,26 +137,19 @@ def noise_section(args) -> str:
             if engine.state.chunk.index == last:
                 seen.append(torch.cat([q.grad.flatten() for q in model.parameters()]).clone())
 
-        trainer.run([batch] * repeats)
+        trainer.run(data)
         return torch.stack(seen)
 
     def spread(g):
         mean = g.mean(0)
         return float((g - mean).pow(2).sum(1).mean().sqrt() / mean.norm())
 
-    draws = gradients(ARTBP(args.p, cap=args.cap, seed=0), 6 if args.quick else args.draws)
-    full = gradients(seq_len, 1)[0]  # the window reaches back to the batch start: what ARTBP estimates
+    draws = gradients(ARTBP(args.p, cap=args.cap, seed=0), [batch] * (6 if args.quick else args.draws))
+    full = gradients(seq_len, [batch])[0]  # the window reaches back to the batch start: what ARTBP estimates
     bias = float((draws.mean(0) - full).norm() / full.norm())
-    per_row = []  # the same update's fixed-window gradient on each row alone: the minibatch noise
-    x, y, info = batch
-    for r in range(rows):
-        one = (x[:, r:r + 1], y[:, r:r + 1], {k: v for k, v in info.items() if k == "position"})
-        trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
-                                                  demo.sequence_loss, tbtt_step=k1, k2=seq_len)
-        trainer.add_event_handler(Tbptt_Events.GRADIENTS_COMPUTED, lambda e: per_row.append(
-            torch.cat([q.grad.flatten() for q in model.parameters()]).clone()) if e.state.chunk.index == last else None)
-        trainer.run([one])
-    minibatch = spread(torch.stack(per_row)) / rows ** 0.5  # the spread of a mean over `rows` rows
+    x, y, _ = batch  # the same update's full-window gradient on each row alone: the minibatch noise
+    per_row = gradients(seq_len, [(x[:, r:r + 1], y[:, r:r + 1]) for r in range(rows)])
+    minibatch = spread(per_row) / rows ** 0.5  # the spread of a mean over `rows` rows
     return (
         f"Gradient noise at fixed parameters: the main job's CharLSTM({hidden}) at its initialisation, its first "
         f"batch ({rows} rows x {seq_len} steps), update {last + 1} (k1 = {k1}), ARTBP(p={args.p}, cap={args.cap}), "

@@ -133,6 +133,12 @@ def window_starts_after(chunk: Chunk, later_chunk_starts: Iterable[int], overlap
     return sorted({max(0, s - overlap) for s in later_chunk_starts if s > chunk.start and s - overlap < chunk.stop})
 
 
+def _restore_rng(rng: random.Random, saved: Any) -> None:
+    """Set ``rng`` to a saved ``getstate()``, whose inner tuple a checkpoint may have turned into a list."""
+    version, internal, gauss_next = saved
+    rng.setstate((version, tuple(internal), gauss_next))
+
+
 class RandomLength:
     """Random chunk lengths, AWD-LSTM's rule (Merity et al. 2017): ``tbtt_step=RandomLength(bptt)``.
 
@@ -194,8 +200,7 @@ class RandomLength:
         return {"rng": self._rng.getstate(), "ahead": list(self._ahead)}
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
-        version, internal, gauss_next = saved["rng"]
-        self._rng.setstate((version, tuple(internal), gauss_next))
+        _restore_rng(self._rng, saved["rng"])
         self._ahead = deque(saved["ahead"])
 
 
@@ -258,7 +263,9 @@ class ARTBP:
 
     def draw(self) -> float:
         """The next boundary's uniform number."""
-        u, self._ahead = (self._ahead, None) if self._ahead is not None else (self._rng.random(), None)
+        if self._ahead is None:
+            return self._rng.random()
+        u, self._ahead = self._ahead, None
         return u
 
     def peek(self) -> float:
@@ -271,8 +278,7 @@ class ARTBP:
         return {"rng": self._rng.getstate(), "ahead": self._ahead}
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
-        version, internal, gauss_next = saved["rng"]
-        self._rng.setstate((version, tuple(internal), gauss_next))
+        _restore_rng(self._rng, saved["rng"])
         self._ahead = saved["ahead"]
 
 
