@@ -68,7 +68,7 @@ def batch_chunks(
 def chunk_sequence(
     info: Optional[SequenceInfo], rows: slice, chunk: Chunk, x: torch.Tensor, dim: int
 ) -> Tuple[List[Gate], Optional[torch.Tensor], int]:
-    """A chunk's gates, the mask of its scored pairs in the layout of ``x`` (``None``: all) and its loss weight.
+    """A chunk's gates, the mask of its scored pairs in the layout of ``x`` (``None``: all of them) and its loss weight.
 
     A pair is scored where it is valid and past the burn-in. The weight is the number of (step, sample) pairs
     the chunk's loss averages over.
@@ -80,4 +80,6 @@ def chunk_sequence(
         return gates, None, chunk.length * batch_size_of(x, dim)
     scored = scored[rows]
     weight = int(scored.sum())  # a host tensor: no device sync
+    if weight == scored.numel():  # nothing masked: the chunk is passed as it is
+        return gates, None, weight
     return gates, (scored if dim == 0 else scored.t()).to(x.device), weight

@@ -1,16 +1,22 @@
 """A check that a model passes its state on: chunked with the state handed over, it computes what it computes whole.
 
 TBPTT trains a recurrent model one chunk at a time, handing each chunk the state the previous one left. A model
-that ignores the state it is given, or starts afresh inside ``forward``, still trains, silently, as a model
-of one chunk. :func:`check_state_passing` catches both before a run.
+that ignores the state it is given, or part of it, or starts afresh inside ``forward``, still trains, silently,
+as a model of one chunk. :func:`check_state_passing` catches these before a run. It tells them apart from a
+model that uses all of its state and still computes differently in chunks than whole, because its output
+depends on where the sequence is cut into calls (a memory of the last ``M`` steps, as Transformer-XL keeps):
+such a model is trained faithfully as it runs in chunks, and the check says so with a warning.
 """
 
+import warnings
 from typing import Any, Callable, List, Optional
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ignite_tbptt.batches import batch_size_of
+from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol, named_leaves
 from ignite_tbptt.window import call_model, default_model_fn
 
 __all__ = ["check_state_passing"]
@@ -20,14 +26,17 @@ def _time_leaves(out: Any, dim: int) -> List[torch.Tensor]:
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.dim() > dim]
 
 
-def _perturbed(hidden: Any, generator: torch.Generator) -> Any:
-    def shift(t: Any) -> Any:
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+def _perturbed(hidden: Any, generator: torch.Generator, only: Optional[int] = None) -> Any:
+    """``hidden`` with noise added to its floating leaves (to the ``only``-th leaf alone, if given)."""
+    leaves, spec = tree_flatten(hidden)
+
+    def shift(i: int, t: Any) -> Any:
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or only not in (None, i):
             return t
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t.device, t.dtype)
         return t + noise * (t.abs().mean() + 1)
 
-    return tree_map(shift, hidden)
+    return tree_unflatten([shift(i, t) for i, t in enumerate(leaves)], spec)
 
 
 def _first_difference(whole: torch.Tensor, chunked: torch.Tensor, dim: int, rtol: float, atol: float) -> Optional[int]:
@@ -49,21 +58,29 @@ def check_state_passing(
     dim: int = 0,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    hidden_batch_dim: Optional[BatchDims] = None,
+    reset_hidden: Optional[ResetFn] = None,
 ) -> None:
     """Check that ``model`` chunked by ``tbtt_step`` with its state passed on computes what it computes on ``x`` whole.
 
     It runs ``x`` whole and chunk by chunk, as the trainer does (``model(x_chunk)`` first, then
     ``model(x_chunk, hidden)``, or ``model_fn(model, x, hidden)``), in eval mode and without gradients, then
 
-    - checks that the outputs depend on the state passed in: the second chunk run from a perturbed state must
-      give other outputs, else an ``AssertionError`` says the state passed in is ignored;
-    - compares the outputs step by step: an ``AssertionError`` names the first chunk and time step where they
-      differ beyond ``rtol`` and ``atol``, and by how much.
+    - checks that the outputs depend on the state passed in, and on each of its floating leaves: the second
+      chunk run from a perturbed state (or leaf) must give other outputs, else an ``AssertionError`` says
+      which state is ignored;
+    - compares the outputs step by step. Where the first chunk differs, an ``AssertionError`` names the step:
+      the outputs read later steps, which a chunk cuts off (a bidirectional layer's backward direction), and
+      TBPTT cannot train the model as it runs whole. Where a later chunk differs although the model uses all
+      of its state, its output depends on where the sequence is cut into calls: a ``UserWarning`` names the
+      chunk and step and says so, since both overlap modes train such a model as it runs in chunks;
+    - with ``hidden_batch_dim`` or ``reset_hidden`` given (the trainer passes its own), checks the state
+      protocol of :mod:`ignite_tbptt.state`: every floating leaf has the batch at its axis (an
+      ``AssertionError`` otherwise), and a state reset for every sample gives the outputs of a fresh start
+      (a ``UserWarning`` otherwise: per-sample resets would start samples elsewhere than a fresh stream does).
 
-    It returns ``None`` for a model that passes its state on. A model whose output legitimately depends on
-    future steps fails by design: a bidirectional layer's backward direction reads the rest of the sequence,
-    which a chunk cuts off, so it differs at the first chunk's last steps, and TBPTT cannot train it as it runs
-    whole. The model's train/eval mode is restored afterwards.
+    It returns ``None`` for a model that passes its state on. The model's train/eval mode is restored
+    afterwards.
 
     Args:
         model: the recurrent model, in the trainer's ``(y_pred, hidden)`` protocol.
@@ -72,6 +89,10 @@ def check_state_passing(
         model_fn: ``model_fn(model, x, hidden) -> (y_pred, hidden)``, as for the trainer.
         dim: the time axis of ``x`` and of the outputs.
         rtol, atol: the tolerance of the comparison (as ``torch.isclose``).
+        hidden_batch_dim: the batch axis of every leaf of the hidden state, as for the trainer; ``None``: not
+            checked.
+        reset_hidden: how a sample starts afresh, as for the trainer; checked against a fresh start when it or
+            ``hidden_batch_dim`` is given.
 
     Example:
         >>> import torch
@@ -106,43 +127,97 @@ def check_state_passing(
         model.eval()  # no dropout: both runs must see the same model
     try:
         _check(model, model_fn, x, tbtt_step, dim, length, rtol, atol)
+        if hidden_batch_dim is not None or reset_hidden is not None:
+            _check_protocol(model, model_fn, x, tbtt_step, dim, StateProtocol(
+                -2 if hidden_batch_dim is None else hidden_batch_dim, reset_hidden), rtol, atol)
     finally:
         if training:
             model.train()
 
 
+def _outputs(model_fn: Callable, model: Any, x: torch.Tensor, hidden: Any, dim: int) -> List[torch.Tensor]:
+    return _time_leaves(call_model(model_fn, model, x, hidden)[0], dim)
+
+
+def _same(a: List[torch.Tensor], b: List[torch.Tensor], rtol: float, atol: float) -> bool:
+    return all(torch.allclose(p, q, rtol=rtol, atol=atol) for p, q in zip(a, b))
+
+
 def _check(model: Any, model_fn: Callable, x: torch.Tensor, k1: int, dim: int, length: int, rtol: float, atol: float) -> None:
-    whole = _time_leaves(call_model(model_fn, model, x, None)[0], dim)
+    whole = _outputs(model_fn, model, x, None, dim)
     chunks, hidden, states = [], None, []
     for start in range(0, length, k1):
         states.append(hidden)
         y_pred, hidden = call_model(model_fn, model, x.narrow(dim, start, min(k1, length - start)), hidden)
         chunks.append(_time_leaves(y_pred, dim))
-    # Does the second chunk depend on the state it is given?
-    x1 = x.narrow(dim, k1, min(k1, length - k1))
-    shifted = _time_leaves(call_model(model_fn, model, x1, _perturbed(states[1], torch.Generator().manual_seed(0)))[0], dim)
-    if all(torch.allclose(a, b, rtol=rtol, atol=atol) for a, b in zip(chunks[1], shifted)):
-        raise AssertionError(
-            "the state passed in is ignored: chunk 1 gives the same outputs from a perturbed state as from the state "
-            "chunk 0 left, so TBPTT would train a model of single chunks; pass the hidden argument on to the "
-            "recurrent layer (or adapt the call with model_fn)"
-        )
+    _check_state_used(model, model_fn, x.narrow(dim, k1, min(k1, length - k1)), states[1], chunks[1], dim, rtol, atol)
     for leaf, whole_leaf in enumerate(whole):
         pieces = [c[leaf] for c in chunks]
         for index, (piece, start) in enumerate(zip(pieces, range(0, length, k1))):
             expected = whole_leaf.narrow(dim, start, piece.shape[dim])
             step = _first_difference(expected, piece, dim, rtol, atol)
-            if step is not None:
-                at = start + step
-                diff = (piece.narrow(dim, step, 1) - expected.narrow(dim, step, 1)).abs().max().item()
-                if index == 0:  # no state was handed over yet: the outputs read steps after the chunk
-                    why = ("its outputs depend on later steps, which a chunk cuts off (a bidirectional layer, or "
-                           "attention over the whole sequence?)")
-                else:
-                    why = "the model does not continue from the state it is given" + (
-                        " (it starts afresh at every chunk?)" if step == 0 else "")
+            if step is None:
+                continue
+            diff = (piece.narrow(dim, step, 1) - expected.narrow(dim, step, 1)).abs().max().item()
+            where = (
+                f"chunk {index} (steps {start}..{start + piece.shape[dim] - 1}) differs from the whole sequence first at "
+                f"step {start + step}" + (f" of output {leaf}" if len(whole) > 1 else "") + f", by {diff:.3g} "
+                f"(rtol={rtol}, atol={atol})"
+            )
+            if index == 0:  # no state was handed over yet: the outputs read steps after the chunk
                 raise AssertionError(
-                    f"chunk {index} (steps {start}..{start + piece.shape[dim] - 1}) differs from the whole sequence "
-                    f"first at step {at}" + (f" of output {leaf}" if len(whole) > 1 else "") + f", by {diff:.3g} "
-                    f"(rtol={rtol}, atol={atol}): {why}"
+                    f"{where}: its outputs depend on later steps, which a chunk cuts off (a bidirectional layer, or "
+                    "attention over the whole sequence?)"
                 )
+            warnings.warn(
+                f"{where}, although the model uses every part of the state it is given: its output depends on where "
+                "the sequence is cut into calls (a memory of the last M steps, as Transformer-XL keeps, does). Both "
+                "overlap modes train it as it runs in chunks of the same cuts; if it should compute the same in "
+                "chunks as whole, the state it returns is not the state at the end of the chunk",
+                UserWarning, stacklevel=3,
+            )
+            return
+
+
+def _check_state_used(
+    model: Any, model_fn: Callable, x1: torch.Tensor, state: Any, outputs: List[torch.Tensor], dim: int,
+    rtol: float, atol: float,
+) -> None:
+    """An ``AssertionError`` if chunk 1's outputs stay the same from a perturbed state, or a perturbed leaf."""
+    generator = torch.Generator().manual_seed(0)
+    if _same(outputs, _outputs(model_fn, model, x1, _perturbed(state, generator), dim), rtol, atol):
+        raise AssertionError(
+            "the state passed in is ignored: chunk 1 gives the same outputs from a perturbed state as from the state "
+            "chunk 0 left, so TBPTT would train a model of single chunks; pass the hidden argument on to the "
+            "recurrent layer (or adapt the call with model_fn)"
+        )
+    named = named_leaves(state)
+    floating = [i for i, (_, t) in enumerate(named) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    for i in floating if len(floating) > 1 else []:
+        if _same(outputs, _outputs(model_fn, model, x1, _perturbed(state, generator, only=i), dim), rtol, atol):
+            raise AssertionError(
+                f"the state leaf {named[i][0]} passed in is ignored: chunk 1 gives the same outputs when only that "
+                "leaf is perturbed, so the model starts that part of its state afresh at every chunk; pass it on "
+                "(an LSTM's cell state with its hidden state, say)"
+            )
+
+
+def _check_protocol(
+    model: Any, model_fn: Callable, x: torch.Tensor, k1: int, dim: int, protocol: StateProtocol, rtol: float,
+    atol: float,
+) -> None:
+    """The state's batch axes, and a reset of every sample against a fresh start, over the second chunk."""
+    x0, x1 = x.narrow(dim, 0, k1), x.narrow(dim, k1, min(k1, x.shape[dim] - k1))
+    state = call_model(model_fn, model, x0, None)[1]
+    try:
+        protocol.check(state, batch_size_of(x, dim))
+    except ValueError as error:
+        raise AssertionError(str(error)) from None
+    if not _same(_outputs(model_fn, model, x1, None, dim), _outputs(model_fn, model, x1, protocol.fresh_like(state), dim), rtol, atol):
+        warnings.warn(
+            "a reset does not start a sample as a fresh stream does: chunk 1 run from the state reset for every "
+            "sample gives other outputs than run from no state. Per-sample resets (document boundaries, "
+            "StreamBatches) would start those samples elsewhere; pass reset_hidden=fn(hidden, keep) that gives "
+            "the model's fresh state",
+            UserWarning, stacklevel=3,
+        )

@@ -8,16 +8,17 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from ignite.engine import Engine, _prepare_batch
-from ignite.metrics import EpochWise, Metric
+from ignite.metrics import EpochWise, Loss, Metric
 from torch import nn
 
 from ignite_tbptt.amp import amp_context, device_type
-from ignite_tbptt.batches import batch_chunks, chunk_sequence, split_batch
+from ignite_tbptt.batches import batch_chunks, batch_size_of, chunk_sequence, split_batch
 from ignite_tbptt.carry import CarriedState, tbptt_engine
 from ignite_tbptt.events import Tbptt_Events, fire, start_chunk, stop_requested
 from ignite_tbptt.handlers import ChunkUpdated
 from ignite_tbptt.schedule import batch_plan, check_steps
 from ignite_tbptt.sequences import masked_pair
+from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
 from ignite_tbptt.window import RecomputeWindow, default_model_fn, detached
 
 __all__ = ["create_supervised_tbptt_evaluator", "supervised_tbptt_evaluation_step"]
@@ -38,8 +39,9 @@ def supervised_tbptt_evaluation_step(
     output_transform: Callable = _default_eval_output_transform,
     carry_state: bool = False,
     amp_mode: Optional[str] = None,
-    hidden_batch_dim: int = -2,
+    hidden_batch_dim: BatchDims = -2,
     burn_in: int = 0,
+    reset_hidden: Optional[ResetFn] = None,
 ) -> Callable[[Engine, Any], Any]:
     """The process function of :func:`create_supervised_tbptt_evaluator`; see it for the arguments.
 
@@ -49,7 +51,8 @@ def supervised_tbptt_evaluation_step(
     """
     check_steps(tbtt_step, tbtt_step)
     autocast = amp_context(amp_mode, device_type(device, model))
-    window = RecomputeWindow(model, model_fn, detached, dim, hidden_batch_dim)
+    state = StateProtocol(hidden_batch_dim, reset_hidden)
+    window = RecomputeWindow(model, model_fn, detached, dim, state)
     stream = CarriedState(window, carry_state, burn_in)
 
     def evaluate(engine: Engine, batch: Any) -> Any:
@@ -68,7 +71,9 @@ def supervised_tbptt_evaluation_step(
                     break
                 with autocast():
                     y_pred = window.forward(chunk, later, x_t, gates)
-                y_pred, y_t = masked_pair(y_pred, y_t, valid)
+                if done == 0 and info is not None and info.gated:
+                    state.check(window.hidden, batch_size_of(x_t, dim))
+                y_pred, y_t = masked_pair(y_pred, y_t, valid, dim)
                 engine.state.output = output_transform(x_t, y_t, y_pred)
                 fire(engine, Tbptt_Events.TIME_ITERATION_COMPLETED)
                 done += 1
@@ -93,8 +98,9 @@ def create_supervised_tbptt_evaluator(
     output_transform: Callable = _default_eval_output_transform,
     carry_state: bool = False,
     amp_mode: Optional[str] = None,
-    hidden_batch_dim: int = -2,
+    hidden_batch_dim: BatchDims = -2,
     burn_in: int = 0,
+    reset_hidden: Optional[ResetFn] = None,
 ) -> Engine:
     """Create an evaluator that runs long sequences chunk by chunk, carrying the state, under ``no_grad``.
 
@@ -104,8 +110,10 @@ def create_supervised_tbptt_evaluator(
     ``engine.state.output = output_transform(x, y, y_pred)`` for that chunk and ``TIME_ITERATION_COMPLETED``
     fires; ``metrics`` are updated there (epoch-wise, after every chunk that scores something), so they
     equal those of a whole-sequence pass. With padded batches (``"lengths"`` or ``"mask"`` in a third batch
-    element) ``y_pred`` and ``y`` hold the valid steps only, flattened to ``(N, ...)``; per-sample
-    ``"resets"`` zero a sample's state as in training.
+    element) ``y_pred`` and ``y`` hold the valid steps only, gathered along the time axis with a batch of one
+    (``(N, 1, ...)`` time-first), as the trainer's ``loss_fn`` sees them; per-sample ``"resets"`` start a
+    sample afresh as in training. An Ignite ``Loss`` left at its default ``batch_size=len`` weighs each chunk
+    by its (step, sample) pairs, ``y.shape[:2].numel()``, so that its value is the mean over all of them.
 
     Args:
         model: the recurrent model, ``(y_pred, hidden)`` protocol as for the trainer.
@@ -119,7 +127,9 @@ def create_supervised_tbptt_evaluator(
             every run, when the batch size changes (with a warning) and whenever ``reset_state`` runs. As for
             the trainer, a batch that carries its stream position must continue the stream.
         amp_mode: ``"amp"`` runs the model under ``torch.autocast``.
-        hidden_batch_dim: the batch axis of the hidden-state tensors, for resets and padding.
+        hidden_batch_dim: the batch axis of the hidden-state tensors, for resets and padding: one int, or a
+            structure of ints matching the hidden state, as for the trainer.
+        reset_hidden: ``reset_hidden(hidden, keep) -> hidden``, how a sample starts afresh, as for the trainer.
         burn_in: warm-up steps per sample, as for the trainer: they build the state and are left out of the
             metrics.
 
@@ -144,9 +154,25 @@ def create_supervised_tbptt_evaluator(
     """
     step = supervised_tbptt_evaluation_step(
         model, tbtt_step, dim, device, non_blocking, prepare_batch, model_fn, output_transform, carry_state,
-        amp_mode, hidden_batch_dim, burn_in,
+        amp_mode, hidden_batch_dim, burn_in, reset_hidden,
     )
     engine = tbptt_engine(step, carry_state)
     for name, metric in (metrics or {}).items():
+        count_pairs_in_loss(metric)
         metric.attach(engine, name, usage=ChunkUpdated(EpochWise(), scored_only=True))
     return engine
+
+
+def _pairs(y: torch.Tensor) -> int:
+    """The (step, sample) pairs of a chunk's targets: ``T * B`` whole, ``N`` masked (``(N, 1)``) or flattened."""
+    return y.shape[:2].numel()
+
+
+def count_pairs_in_loss(metric: Metric) -> None:
+    """Make an Ignite ``Loss`` left at its default ``batch_size=len`` weigh each chunk by its (step, sample) pairs.
+
+    ``len(y)`` of a time-first chunk is its number of steps, while a masked chunk's ``(N, 1, ...)`` counts pairs:
+    mixed, the epoch's loss would be a biased mean. A ``batch_size`` the user gave is left alone.
+    """
+    if isinstance(metric, Loss) and metric._batch_size is len:
+        metric._batch_size = _pairs

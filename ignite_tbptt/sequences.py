@@ -15,11 +15,13 @@ A batch may carry a third element, a dict of per-sample sequence information, ne
 
 What the trainer and the evaluator make of it:
 
-- a reset zeroes sample ``i``'s state before that step and leaves the other samples alone;
+- a reset starts sample ``i`` afresh before that step (zeros, or the model's ``reset_hidden``; see
+  :mod:`ignite_tbptt.state`) and leaves the other samples alone;
 - a padded step adds nothing to the loss or to the gradient, and a sample's state does not change over its
   padded steps: the model runs over them, and its state for that sample is put back afterwards;
-- a chunk's loss is ``loss_fn(y_pred[valid], y[valid])``: with a mean-reducing loss, the mean over the
-  chunk's valid (step, sample) pairs. A chunk without a valid step makes no update.
+- a chunk's loss is one ``loss_fn`` call over the chunk's valid (step, sample) pairs, gathered along the time
+  axis with a batch of one (:func:`masked_pair`), so that ``loss_fn`` sees a chunk's rank and layout: with a
+  mean-reducing loss, the mean over the valid pairs. A chunk without a valid step makes no update.
 
 Internally the information becomes :class:`Gate` change points at stream positions: the windows cut the
 forward pass there, so that the validity of every sample is constant over each model call. The masks are
@@ -29,7 +31,8 @@ read on the host (keep them on the CPU); a batch without this information costs 
 from typing import Any, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ignite_tbptt.state import StateProtocol
 
 __all__ = ["Gate", "GateTrack", "SequenceInfo", "parse_sequence_info", "chunk_gates", "masked_pair"]
 
@@ -217,68 +220,28 @@ def chunk_gates(info: SequenceInfo, rows: slice, start: int, device: Any) -> Lis
     return gates
 
 
-def masked_pair(y_pred: Any, y: torch.Tensor, valid: Optional[torch.Tensor]) -> Tuple[Any, torch.Tensor]:
-    """``(y_pred, y)`` restricted to the valid (step, sample) pairs, flattened to ``(N, ...)``.
+def masked_pair(y_pred: Any, y: torch.Tensor, valid: Optional[torch.Tensor], dim: int) -> Tuple[Any, torch.Tensor]:
+    """``(y_pred, y)`` restricted to the valid (step, sample) pairs, in the rank and layout of a chunk.
 
-    ``valid`` is in the layout of ``y``'s first two axes; ``None`` keeps everything as it is.
+    The valid pairs are gathered along the time axis ``dim`` with a batch of one: ``(N, 1, ...)`` time-first,
+    ``(1, N, ...)`` batch-first. A loss written for plain chunks (a cross-entropy that flattens the first two
+    axes, or one that permutes time and batch) therefore runs unchanged on masked ones. ``valid`` is in the
+    layout of ``y``'s first two axes; ``None`` keeps everything as it is.
+
+    >>> y = torch.arange(6.0).view(3, 2)  # (time, batch)
+    >>> valid = torch.tensor([[True, True], [True, False], [False, False]])
+    >>> masked_pair(y, y, valid, dim=0)[1].tolist()
+    [[0.0], [1.0], [2.0]]
     """
     if valid is None:
         return y_pred, y
     if not isinstance(y_pred, torch.Tensor):
         raise TypeError(f"with a mask or lengths, y_pred must be a tensor, got {type(y_pred).__name__}")
-    return y_pred[valid], y[valid]
+    batch_axis = 1 - dim
+    return y_pred[valid].unsqueeze(batch_axis), y[valid].unsqueeze(batch_axis)
 
 
-def _batch_vector(v: torch.Tensor, like: torch.Tensor, batch_dim: int) -> torch.Tensor:
-    """``v`` of shape ``(B,)`` shaped to broadcast along ``like``'s axis ``batch_dim``."""
-    if like.dim() == 0 or not -like.dim() <= batch_dim < like.dim() or like.shape[batch_dim] != v.shape[0]:
-        raise ValueError(
-            f"a hidden-state tensor of shape {tuple(like.shape)} has no batch axis of size {v.shape[0]} at "
-            f"hidden_batch_dim={batch_dim}; pass the axis of the batch in the hidden state as hidden_batch_dim"
-        )
-    shape = [1] * like.dim()
-    shape[batch_dim] = v.shape[0]
-    return v.to(like.device).view(shape)
-
-
-def apply_reset(hidden: Any, keep: torch.Tensor, batch_dim: int) -> Any:
-    """Zero the state of the samples where ``keep`` is ``False`` (differentiably: no gradient flows past it)."""
-
-    def zero(t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point():
-            return t
-        return t * _batch_vector(keep, t, batch_dim).to(t.dtype)
-
-    return tree_map(lambda t: zero(t) if isinstance(t, torch.Tensor) else t, hidden)
-
-
-def hold_constant(hidden: Any, cut: torch.Tensor, batch_dim: int) -> Any:
-    """The state of the samples where ``cut`` is ``True`` cut from its graph (their values unchanged)."""
-
-    def held(t: torch.Tensor) -> torch.Tensor:
-        if not (t.is_floating_point() and t.requires_grad):
-            return t
-        return torch.where(_batch_vector(cut, t, batch_dim), t.detach(), t)
-
-    return tree_map(lambda t: held(t) if isinstance(t, torch.Tensor) else t, hidden)
-
-
-def hold_invalid(old: Any, new: Any, valid: torch.Tensor, batch_dim: int) -> Any:
-    """``new`` for the valid samples, ``old`` (zeros if ``None``) for the others: padding leaves state alone."""
-    if old is None:
-        old = tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t, new)
-    new_leaves, spec = tree_flatten(new)
-    old_leaves = tree_flatten(old)[0]
-    if len(old_leaves) != len(new_leaves):
-        raise ValueError("the model returned a hidden state of another structure than the one it was given")
-    out = [
-        torch.where(_batch_vector(valid, n, batch_dim), n, o) if isinstance(n, torch.Tensor) else n
-        for o, n in zip(old_leaves, new_leaves)
-    ]
-    return tree_unflatten(out, spec)
-
-
-def run_gated(gate: Optional[Gate], forward: Any, x: torch.Tensor, hidden: Any, start: int, batch_dim: int) -> Tuple[Any, Any]:
+def run_gated(gate: Optional[Gate], forward: Any, x: torch.Tensor, hidden: Any, start: int, state: StateProtocol) -> Tuple[Any, Any]:
     """``forward(x, hidden)`` over a span starting at ``start`` under ``gate``: its reset and cut at its own
     position, then the model call (without a graph where ``frozen``), then the state held over padding.
 
@@ -289,16 +252,16 @@ def run_gated(gate: Optional[Gate], forward: Any, x: torch.Tensor, hidden: Any, 
         return forward(x, hidden)
     if gate.position == start and hidden is not None:
         if gate.keep is not None:
-            hidden = apply_reset(hidden, gate.keep, batch_dim)
+            hidden = state.reset(hidden, gate.keep)
         if gate.cut is not None:
-            hidden = hold_constant(hidden, gate.cut, batch_dim)
+            hidden = state.cut(hidden, gate.cut)
     if gate.frozen:  # burn-in or padding for every sample: nothing here is differentiated
         with torch.no_grad():
             y_pred, new = forward(x, hidden)
     else:
         y_pred, new = forward(x, hidden)
     if gate.valid is not None:
-        new = hold_invalid(hidden, new, gate.valid, batch_dim)
+        new = state.hold(hidden, new, gate.valid)
     return y_pred, new
 
 
@@ -309,8 +272,8 @@ class GateTrack:
     default path never cuts the forward pass.
     """
 
-    def __init__(self, batch_dim: int) -> None:
-        self.batch_dim = batch_dim
+    def __init__(self, state: StateProtocol) -> None:
+        self.state = state
         self.gates: List[Gate] = []
 
     def clear(self) -> None:
@@ -342,7 +305,7 @@ class GateTrack:
 
     def run(self, forward: Any, x: torch.Tensor, hidden: Any, start: int) -> Tuple[Any, Any]:
         """``forward(x, hidden)`` over a span starting at ``start`` with constant validity: resets, then holds."""
-        return run_gated(self.at(start), forward, x, hidden, start, self.batch_dim)
+        return run_gated(self.at(start), forward, x, hidden, start, self.state)
 
     def state_dict(self) -> List[Tuple[Any, ...]]:
         return [tuple(g) for g in self.gates]

@@ -14,7 +14,7 @@ from ignite.engine import Engine, _prepare_batch
 from torch import nn
 
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
-from ignite_tbptt.batches import batch_chunks, chunk_sequence, split_batch
+from ignite_tbptt.batches import batch_chunks, batch_size_of, chunk_sequence, split_batch
 from ignite_tbptt.checks import check_state_passing
 from ignite_tbptt.carry import (
     CHUNK_LENGTHS_KEY, TRUNCATION_DRAWS_KEY, CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine,
@@ -25,6 +25,7 @@ from ignite_tbptt.schedule import (
     ARTBP, Chunk, RandomLength, Steps, Window, batch_plan, bptt_of, check_positive_int, check_steps,
 )
 from ignite_tbptt.sequences import masked_pair
+from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
 from ignite_tbptt.updates import (
     SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, all_finite, count_skipped_updates, count_window_lengths, found_inf,
     scaled_learning_rate,
@@ -75,11 +76,12 @@ def supervised_tbptt_training_step(
     scaler: Union[bool, "torch.amp.GradScaler"] = False,
     gradient_accumulation_steps: int = 1,
     clip_grad_norm: Optional[float] = None,
-    hidden_batch_dim: int = -2,
+    hidden_batch_dim: BatchDims = -2,
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
     check_state: bool = False,
     burn_in: int = 0,
+    reset_hidden: Optional[ResetFn] = None,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
 
@@ -108,9 +110,9 @@ def supervised_tbptt_training_step(
     check_steps(bptt, k2 if artbp is None else bptt)
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"overlap must be one of {sorted(OVERLAP_MODES)}, got {overlap!r}")
-    for name, value in (("dim", dim), ("hidden_batch_dim", hidden_batch_dim)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    state = StateProtocol(hidden_batch_dim, reset_hidden)
     check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
     if checkpoint_every is not None:
         check_positive_int("checkpoint_every", checkpoint_every)
@@ -128,7 +130,7 @@ def supervised_tbptt_training_step(
     accumulate = gradient_accumulation_steps
     # Looked up at call time so that a test can patch the module-level _detach_hidden.
     detach = lambda hidden: _detach_hidden(hidden)  # noqa: E731
-    window = OVERLAP_MODES[overlap](model, model_fn, detach, dim, hidden_batch_dim, checkpoint_every)
+    window = OVERLAP_MODES[overlap](model, model_fn, detach, dim, state, checkpoint_every)
     stream = CarriedState(window, carry_state, burn_in)
     keep_predictions = output_transform is not _default_output_transform
     group_weight = 0  # loss terms the current accumulation group backpropagated (0: nothing yet)
@@ -210,11 +212,12 @@ def supervised_tbptt_training_step(
 
     def run_chunk(
         engine: Engine, chunk: Chunk, num_chunks: int, later: List[int], x: Any, y: Any, info: Any, rows: slice,
-        distributed: bool,
+        distributed: bool, check_axes: bool,
     ) -> Optional[Tuple[Any, torch.Tensor, int]]:
         """Train on one chunk; return its detached predictions (``None`` unless kept), loss and weight.
 
-        ``None`` when a ``TIME_ITERATION_STARTED`` handler stopped the run: the chunk does not run.
+        ``None`` when a ``TIME_ITERATION_STARTED`` handler stopped the run: the chunk does not run. With
+        ``check_axes``, the state's batch axes are checked after the forward pass, before any update.
         """
         x_t, y_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)
         gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
@@ -230,7 +233,9 @@ def supervised_tbptt_training_step(
             optimizer.zero_grad()
         with autocast():
             y_pred = window.forward(chunk, later, x_t, gates)
-            loss = loss_fn(*masked_pair(y_pred, y_t, valid)) if weight else None
+            if check_axes:
+                state.check(window.hidden, batch_size_of(x_t, dim))
+            loss = loss_fn(*masked_pair(y_pred, y_t, valid, dim)) if weight else None
         backward(loss, weight, chunk.length)
         if count % accumulate == 0:
             optimizer_step(engine, distributed)
@@ -248,7 +253,8 @@ def supervised_tbptt_training_step(
         x, y, info, length = split_batch(batch, dim)
         if unchecked and length > bptt:
             x_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)[0]
-            check_state_passing(model, x_t, bptt, model_fn=model_fn, dim=dim)
+            check_state_passing(model, x_t, bptt, model_fn=model_fn, dim=dim, hidden_batch_dim=hidden_batch_dim,
+                                reset_hidden=reset_hidden)
             unchecked = False
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         info = stream.mark_burn_in(info, length)
@@ -259,7 +265,10 @@ def supervised_tbptt_training_step(
         model.train()
         total, total_weight, predictions, done = None, 0, [], 0
         for chunk, later, rows, x_c, y_c in batch_chunks(chunks, later_of, x, y, offset, dim):
-            ran = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed)
+            # A batch that resets, pads or burns in works on the state per sample: its batch axes are checked at
+            # its first chunk, before the first update, rather than at the first reset deep inside the batch.
+            check_axes = done == 0 and info is not None and info.gated
+            ran = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed, check_axes)
             if ran is None:
                 break
             y_pred, loss, weight = ran
@@ -304,11 +313,12 @@ def create_supervised_tbptt_trainer(
     scaler: Union[bool, "torch.amp.GradScaler"] = False,
     gradient_accumulation_steps: int = 1,
     clip_grad_norm: Optional[float] = None,
-    hidden_batch_dim: int = -2,
+    hidden_batch_dim: BatchDims = -2,
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
     check_state: bool = False,
     burn_in: int = 0,
+    reset_hidden: Optional[ResetFn] = None,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
 
@@ -381,7 +391,9 @@ def create_supervised_tbptt_trainer(
         clip_grad_norm: clip the gradients' total norm to this value before each step (after the
             ``GRADIENTS_COMPUTED`` handlers); the norm before clipping is ``engine.state.grad_norm``.
         hidden_batch_dim: the batch axis of the hidden-state tensors (``-2`` fits ``nn.RNN``/``GRU``/``LSTM``
-            and the cells), used for per-sample resets and padding.
+            and the cells), used for per-sample resets, padding and burn-in: one int for every leaf, or a
+            structure of ints matching the hidden state (``{"ssm": 0, "conv": 0}``). A batch with sequence
+            information checks it at its first chunk, before any update. See :mod:`ignite_tbptt.state`.
         checkpoint_every: memory-efficient windows for very long ``k2``: run each window in segments of at
             most this many steps under activation checkpointing (Gruslys et al. 2016), keeping one state per
             segment and rebuilding a segment's activations during the backward pass. About ``sqrt(k2)``
@@ -397,6 +409,10 @@ def create_supervised_tbptt_trainer(
             the parameters and the optimizer state stay as they were (a ``GradScaler``, if given, already does
             this; its own inf check is reused). Skips are counted in ``engine.state.skipped_updates``, with a
             warning at the first. One host read per update; off by default.
+        reset_hidden: ``reset_hidden(hidden, keep) -> hidden``: how a sample starts afresh at a per-sample reset
+            (``keep`` a ``(B,)`` bool tensor, ``False`` for the samples to reset), for a model whose fresh state
+            is not zeros. ``None``: zeros, written with ``torch.where`` so that a non-finite state is cleared.
+            Padding of a fresh stream holds a sample at the state it gives too.
 
     Returns:
         an Ignite ``Engine`` with :class:`Tbptt_Events` registered.
@@ -423,7 +439,7 @@ def create_supervised_tbptt_trainer(
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
-        hidden_batch_dim, checkpoint_every, skip_nonfinite, check_state, burn_in,
+        hidden_batch_dim, checkpoint_every, skip_nonfinite, check_state, burn_in, reset_hidden,
     )
     engine = tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
     if skip_nonfinite:

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ignite_tbptt.schedule import Chunk, checkpoint_cuts, segment_spans
 from ignite_tbptt.sequences import Gate, GateTrack, run_gated
+from ignite_tbptt.state import StateProtocol, call_model_checked
 
 __all__ = ["default_model_fn", "RecomputeWindow", "RetainWindow"]
 
@@ -45,8 +46,8 @@ def default_model_fn(model: nn.Module, x: torch.Tensor, hidden: Optional[Hidden]
 
 
 def call_model(model_fn: ModelFn, model: Any, x: torch.Tensor, hidden: Optional[Hidden]) -> Tuple[Any, Hidden]:
-    """Run ``model_fn`` and check that it returned ``(y_pred, hidden)``."""
-    out = model_fn(model, x, hidden)
+    """Run ``model_fn`` and check that it returned ``(y_pred, hidden)`` and left the ``hidden`` given unchanged."""
+    out = call_model_checked(lambda x_, h: model_fn(model, x_, h), x, hidden)
     if type(out) is tuple and len(out) == 2:  # the usual case, checked before the slower Sequence check
         return out
     if not (isinstance(out, Sequence) and not isinstance(out, (str, bytes)) and len(out) == 2):
@@ -110,7 +111,7 @@ def run_span(gates: GateTrack, forward: Callable, x: torch.Tensor, hidden: Any, 
     if not checkpointed or not torch.is_grad_enabled():
         return gates.run(forward, x, hidden, start)
     # The gate is looked up now: by the backward pass that re-runs the span, the track has moved on.
-    return checkpoint(run_gated, gates.at(start), forward, x, hidden, start, gates.batch_dim, use_reentrant=False)
+    return checkpoint(run_gated, gates.at(start), forward, x, hidden, start, gates.state, use_reentrant=False)
 
 
 class _Inputs:
@@ -158,7 +159,8 @@ class RecomputeWindow:
         model_fn: ``model_fn(model, x, hidden) -> (y_pred, hidden)``.
         detach: cuts a hidden state from its graph (``ignite_tbptt.trainer._detach_hidden``).
         dim: the time axis of inputs and outputs.
-        hidden_batch_dim: the batch axis of the hidden-state tensors, for per-sample resets and padding.
+        state: how the hidden state is reset and held per sample (:class:`~ignite_tbptt.state.StateProtocol`);
+            ``None``: zeros, with the batch at axis ``-2`` of every leaf.
         checkpoint_every: run the window in segments of at most this many steps under activation
             checkpointing, so memory holds one state per segment plus one segment's activations instead of
             the whole window's; ``None`` keeps all activations.
@@ -176,12 +178,12 @@ class RecomputeWindow:
     """
 
     def __init__(
-        self, model: Any, model_fn: ModelFn, detach: Callable, dim: int, hidden_batch_dim: int = -2,
+        self, model: Any, model_fn: ModelFn, detach: Callable, dim: int, state: Optional[StateProtocol] = None,
         checkpoint_every: Optional[int] = None,
     ) -> None:
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
         self.checkpoint_every = checkpoint_every
-        self.inputs, self.gates = _Inputs(dim), GateTrack(hidden_batch_dim)
+        self.inputs, self.gates = _Inputs(dim), GateTrack(state or StateProtocol())
         self.factors: Dict[int, float] = {}  # the compensations (ARTBP) at the chunk starts a window may still cross
         self.reset()
 
@@ -193,6 +195,7 @@ class RecomputeWindow:
         self.inputs.clear()
         self.gates.clear()
         self.factors.clear()
+        self.calls: List[int] = []  # where the forward pass cut the steps a window may still re-run into calls
         self.state_at, self.hidden = 0, None
 
     def forward(self, chunk: Chunk, later_starts: List[int], x: torch.Tensor, gates: List[Gate]) -> Any:
@@ -206,8 +209,11 @@ class RecomputeWindow:
         hidden = None if self.hidden is None else self.detach(self.hidden)
         next_start = later_starts[0] if later_starts else chunk.stop
         outputs = []
+        # The window re-runs in the calls the forward pass made (every chunk, cut where a later window starts), so
+        # that a model whose output depends on where it is cut (a memory of the last M steps) runs as it ran.
+        self.calls += [chunk.start, *later_starts]
         cuts = [
-            chunk.start, next_start, *self.gates.cuts(self.state_at, chunk.stop),
+            *self.calls, *self.gates.cuts(self.state_at, chunk.stop),
             *checkpoint_cuts(self.state_at, chunk.stop, self.checkpoint_every), *self.factors,
         ]
         window_start = self.state_at
@@ -222,6 +228,7 @@ class RecomputeWindow:
         self.inputs.drop_before(next_start)
         self.gates.drop_before(next_start)
         self.factors = {j: f for j, f in self.factors.items() if j > next_start}
+        self.calls = [j for j in self.calls if j > next_start]
         return cat_time(outputs, self.dim)
 
     def backward(self, loss: Optional[torch.Tensor]) -> None:
@@ -237,6 +244,7 @@ class RecomputeWindow:
             "inputs": self.inputs.state_dict(),
             "gates": self.gates.state_dict(),
             "factors": dict(self.factors),
+            "calls": list(self.calls),
         }
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
@@ -244,6 +252,7 @@ class RecomputeWindow:
         self.inputs.load_state_dict(saved["inputs"])
         self.gates.load_state_dict(saved["gates"])
         self.factors = dict(saved.get("factors", {}))
+        self.calls = list(saved.get("calls", [a for a, _, _ in self.inputs.chunks]))
 
 
 Params = Dict[str, torch.Tensor]
@@ -366,7 +375,7 @@ class RetainWindow:
     """
 
     def __init__(
-        self, model: nn.Module, model_fn: ModelFn, detach: Callable, dim: int, hidden_batch_dim: int = -2,
+        self, model: nn.Module, model_fn: ModelFn, detach: Callable, dim: int, state: Optional[StateProtocol] = None,
         checkpoint_every: Optional[int] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -374,7 +383,7 @@ class RetainWindow:
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
         self.checkpoint_every = checkpoint_every
         self.call = _ModelFnCall(model, model_fn)
-        self.gates = GateTrack(hidden_batch_dim)
+        self.gates = GateTrack(state or StateProtocol())
         self.segments: Deque[_Segment] = deque()
         # The parameters a retained graph saves on the state path, learnt from the first retained chunk that runs
         # from a state (None: not yet; clone them all). Under checkpointing all are cloned: re-runs read them all.

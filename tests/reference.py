@@ -136,3 +136,68 @@ def _burn_in(T, B, valid, resets, burn_in):
             was_warm[b] = bool(warm[t, b])
         cuts[t] = cut if cut.any() else None
     return warm, cuts
+
+
+def _per_sample(hidden, fresh, dims, reset):
+    """``hidden`` with sample ``b`` replaced by ``fresh``'s where ``reset[b]``, rebuilt sample by sample along each
+    leaf's batch axis (``dims``: one int, or a dict of ints / nested dicts matching the hidden)."""
+    if isinstance(hidden, dict):
+        return {k: _per_sample(hidden[k], fresh[k], dims if isinstance(dims, int) else dims[k], reset) for k in hidden}
+    if isinstance(hidden, (tuple, list)):
+        return type(hidden)(_per_sample(h, f, dims if isinstance(dims, int) else dims[i], reset)
+                            for i, (h, f) in enumerate(zip(hidden, fresh)))
+    rows = [f.detach() if reset[b] else h for b, (h, f) in enumerate(zip(hidden.unbind(dims), fresh.unbind(dims)))]
+    return torch.stack(rows, dims)
+
+
+def reference_chunked_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, resets=None, fresh=None, dims=0):
+    """Parameters after every SGD update of TBPTT(k1, k2), backpropagating through the chunked model.
+
+    The model runs in the calls the forward pass makes: every ``k1``-step chunk, cut further before every step
+    where some sample resets (``resets``: ``(T, B)`` bools, ``x`` time-first). ``k2 - k1`` must be a multiple of
+    ``k1``, so every window starts at a call boundary. Each update rebuilds its window's calls from the state at
+    the window start, which is held constant, with the parameters of the update (``"recompute"``) or those each
+    call ran under (``"retain"``). A reset puts ``fresh(hidden)``'s value in the resetting samples, one sample at
+    a time.
+    """
+    T, o = x.shape[0], k2 - k1
+    assert o % k1 == 0, "the chunked reference needs k2 - k1 to be a multiple of k1"
+    cuts = set(range(0, T, k1)) | ({int(t) for t in resets.any(1).nonzero().flatten()} if resets is not None else set())
+    bounds = sorted(cuts | {T})
+    calls = list(zip(bounds[:-1], bounds[1:]))
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    states, versions, trajectory = {0: None}, {}, []
+
+    def run(a, b, theta, hidden):
+        if hidden is not None and resets is not None and resets[a].any():
+            hidden = _per_sample(hidden, fresh(hidden), dims, resets[a])
+        return functional_call(model, theta, (x[a:b],) if hidden is None else (x[a:b], hidden))
+
+    for s in range(0, T, k1):
+        t, w = min(s + k1, T), max(0, s - o)
+        if overlap == "retain":
+            hidden = states[s]
+            for a, b in [c for c in calls if s <= c[0] < t]:
+                versions[a] = {n: v.clone() for n, v in params.items()}
+                hidden = _detach_hidden(run(a, b, versions[a], hidden)[1])
+                states[b] = hidden
+        current = {n: v.clone().requires_grad_() for n, v in params.items()}
+        hidden, outputs, thetas = states[w], [], []
+        for a, b in [c for c in calls if w <= c[0] < t]:
+            theta = current if overlap == "recompute" else {n: v.clone().requires_grad_() for n, v in versions[a].items()}
+            thetas.append(theta)
+            y_pred, hidden = run(a, b, theta, hidden)
+            if overlap == "recompute":
+                states[b] = _detach_hidden(hidden)
+            if a >= s:
+                outputs.append(y_pred)
+        loss = loss_fn(torch.cat(outputs), y[s:t])
+        unique = list({id(th): th for th in thetas}.values())
+        grads = torch.autograd.grad(loss, [th[n] for th in unique for n in params], allow_unused=True)
+        step = {n: torch.zeros_like(v) for n, v in params.items()}
+        for n, g in zip([n for _ in unique for n in params], grads):
+            if g is not None:
+                step[n] += g
+        params = {n: params[n] - lr * step[n] for n in params}
+        trajectory.append(params)
+    return trajectory
