@@ -6,7 +6,8 @@ and the ratios of the fastest rounds and of the medians.
 
 - ``k1 == k2``: a hand-written loop, Ignite's trainer and ``ignite_tbptt``, also with ``skip_nonfinite=True``
   (its one host read per update).
-- ``k2 > k1``: a hand-written recompute loop, a hand-written retain loop, and both overlap modes.
+- ``k2 > k1``: a hand-written recompute loop, a hand-written retain loop, and both overlap modes (``recompute``
+  also with ``merge_calls=True``, which re-runs a window in one call as the hand-written loop does).
 - In both, the first contender a second time (``..., again``): the spread of identical code, the noise floor.
 
 Every case also times the compute floor of TBPTT(k1, k2): ``forward + (k2 / k1) * backward`` over the batch,
@@ -76,6 +77,8 @@ def contenders_for(fresh, loss_fn, x, y, k1: int, k2: int, sync) -> Dict[str, Ca
             "hand-written recompute": loop(bc.hand_written_recompute),
             "hand-written retain": loop(bc.hand_written_retain),
             "ignite_tbptt recompute": engine(create_supervised_tbptt_trainer, k2=k2, overlap="recompute"),
+            "ignite_tbptt recompute, merge_calls": engine(
+                create_supervised_tbptt_trainer, k2=k2, overlap="recompute", merge_calls=True),
             "ignite_tbptt retain": engine(create_supervised_tbptt_trainer, k2=k2, overlap="retain"),
         }
     # The first contender once more: how far identical code moves between two places in the rounds. A ratio

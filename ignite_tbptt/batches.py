@@ -46,6 +46,11 @@ def split_batch(batch: Any, dim: int) -> Tuple[torch.Tensor, torch.Tensor, Optio
         )
     if x.shape[dim] == 0:
         raise ValueError(f"x and y have no time steps along dim={dim}")
+    if x.dim() > 1 and y.dim() > 1 and batch_size_of(x, dim) != batch_size_of(y, dim):
+        raise ValueError(
+            f"x and y must have the same batch size, got {batch_size_of(x, dim)} and {batch_size_of(y, dim)} (shapes "
+            f"{tuple(x.shape)} and {tuple(y.shape)}, time along dim={dim}): a loss would broadcast y across the samples"
+        )
     info = parse_sequence_info(batch[2], x, dim) if len(batch) == 3 else None
     return x, y, info, x.shape[dim]
 

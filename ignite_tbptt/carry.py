@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, Wei
 from ignite_tbptt.batches import batch_size_of
 from ignite_tbptt.schedule import Truncations
 from ignite_tbptt.sequences import BurnIn, SequenceInfo, burn_in_marks
-from ignite_tbptt.events import register_tbptt_events
+from ignite_tbptt.events import as_ours, register_tbptt_events
 
 __all__ = ["CARRIED_STATE_KEY", "CHUNK_LENGTHS_KEY", "TRUNCATION_DRAWS_KEY", "CarriedState", "DeterministicTbpttEngine", "TbpttEngine", "reset_state", "tbptt_engine"]
 
@@ -50,11 +50,15 @@ class CarriedState:
         self.window, self.carry, self.burn_in = window, carry, check_burn_in(burn_in)
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the carried state: the next batch starts a fresh stream."""
+    def reset(self, data_position: Optional[int] = None) -> None:
+        """Forget the carried state: the next batch starts a fresh stream.
+
+        ``data_position``: where in its data the next batch must start, if it carries its position (``0`` at an
+        epoch start: a stream starts at its beginning); ``None``: anywhere.
+        """
         self.window.reset()
         self.position, self.batch_size = 0, None
-        self.data_position: Optional[int] = None  # where the data's next batch must start, if its batches say
+        self.data_position = data_position  # where the data's next batch must start, if its batches say
         self.burn: Optional[BurnIn] = None  # each sample's burn-in so far (None: a fresh stream)
         self.truncations: Optional[Truncations] = None  # random truncations so far (k2=ARTBP; None: a fresh stream)
 
@@ -83,6 +87,13 @@ class CarriedState:
                 stacklevel=2,
             )
             self.reset()
+        elif self.position == 0 and None not in (data_position, self.data_position) and data_position != self.data_position:
+            raise ValueError(
+                f"carry_state: the epoch's first batch starts at step {data_position} of its stream, not at its "
+                "beginning: the carried state would start afresh in the middle of a document. An epoch_length "
+                "shorter than the data continues the data mid-stream; give each epoch the whole data (epoch_length="
+                "len(batches)), or resume a run from a checkpoint of its trainer"
+            )
         elif None not in (data_position, self.data_position) and data_position != self.data_position:
             raise ValueError(
                 f"carry_state: this batch starts at step {data_position} of its stream, but the carried state "
@@ -130,10 +141,39 @@ class CarriedState:
 class _CarriedStateEngineMixin:
     """Saves ``engine.carried_state`` in ``state_dict()`` (so ``Checkpoint`` keeps it) and restores it, and the
     state of the schedule's random draws (``engine.draws``: random chunk lengths, random truncations, each under
-    its key), so a resumed run draws on."""
+    its key), so a resumed run draws on; and lets ``run()`` continue after an exception."""
 
     carried_state: CarriedState
     draws: Dict[str, Any] = {}
+
+    # Handlers registered with Ignite's own Tbptt_Events go to ours (see ignite_tbptt.events.Tbptt_Events).
+    def add_event_handler(self, event_name: Any, handler: Callable, *args: Any, **kwargs: Any) -> Any:
+        return super().add_event_handler(as_ours(event_name), handler, *args, **kwargs)  # type: ignore[misc]
+
+    def has_event_handler(self, handler: Callable, event_name: Any = None) -> bool:
+        return super().has_event_handler(handler, as_ours(event_name))  # type: ignore[misc]
+
+    def remove_event_handler(self, handler: Callable, event_name: Any) -> None:
+        super().remove_event_handler(handler, as_ours(event_name))  # type: ignore[misc]
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().run(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            self._resume_after_exception()
+            raise
+
+    def _resume_after_exception(self) -> None:
+        """Make the next ``run()`` continue where an exception stopped this one, as from a checkpoint taken there.
+
+        Ignite keeps the failed run's generator (the next ``run()`` would return ``None``), and counts the epoch it
+        stopped in as begun, which makes an interrupted last epoch look done (the next ``run()`` would start
+        afresh). The epoch counter goes back to the epochs completed, as ``load_state_dict`` sets it.
+        """
+        self._internal_run_generator = None  # type: ignore[attr-defined]
+        state = self.state  # type: ignore[attr-defined]
+        if state.epoch_length and state.iteration % state.epoch_length:
+            state.epoch = state.iteration // state.epoch_length
 
     def state_dict(self) -> "OrderedDict[str, Any]":
         saved = super().state_dict()  # type: ignore[misc]
@@ -154,14 +194,31 @@ class _CarriedStateEngineMixin:
 
 
 class TbpttEngine(_CarriedStateEngineMixin, Engine):
-    """The trainer's ``Engine``: Ignite's, with the carried stream in ``state_dict()``."""
+    """The trainer's ``Engine``: Ignite's, with the carried stream in ``state_dict()``, and two differences.
+
+    - A run resumed mid-epoch (``load_state_dict``, or ``run()`` again after an exception) continues the data
+      where it stopped: Ignite's plain engine would iterate the data from its first batch again and train the
+      epoch's first batches a second time. It skips the batches already trained, as ``DeterministicEngine``
+      does, so the restored stream continues exactly where the data are the same on every pass.
+    - ``run()`` again after an exception continues the run (Ignite 0.5 keeps the failed run's generator, and
+      its next ``run()`` returns ``None`` without training). A batch that an exception stopped inside ends
+      as a stopped batch does (the carried stream starts afresh, the half-accumulated gradient is dropped).
+    """
+
+    def _setup_engine(self) -> None:
+        super()._setup_engine()
+        if self._init_iter:  # mid-epoch, resumed: skip to the batch after the last one trained
+            length = self._get_data_length(self.state.dataloader)
+            for _ in range(self.state.iteration % length if length else self._init_iter):
+                next(self._dataloader_iter)
 
 
 class DeterministicTbpttEngine(_CarriedStateEngineMixin, DeterministicEngine):
     """The trainer's engine for ``deterministic=True``: Ignite's ``DeterministicEngine`` plus the carried stream.
 
     Resumed mid-epoch from a checkpoint, it replays the data from the right batch and the stream from the
-    right state, so the run continues exactly as the uninterrupted one.
+    right state, so the run continues exactly as the uninterrupted one, with the random number generators as
+    they were (dropout draws included). ``run()`` again after an exception continues, as for :class:`TbpttEngine`.
     """
 
 
@@ -220,19 +277,20 @@ def _warn_if_shuffled(engine: Engine) -> None:
 
 
 def _reset_where_the_data_restarts(engine: Engine) -> None:
-    """A run that starts mid-epoch (after ``terminate()``, or from a checkpoint) on a plain ``Engine``.
+    """A run that starts mid-epoch after ``terminate()`` on a plain ``Engine``.
 
-    Ignite's plain engine then iterates the data from its first batch again, so the carried stream cannot
-    continue: it starts afresh. ``DeterministicEngine`` replays the data from the right batch, and the
-    restored stream continues exactly.
+    Ignite's plain engine then iterates the data from its first batch again (a run resumed from a checkpoint
+    or after an exception skips to the right batch instead, :class:`TbpttEngine`), so the carried stream cannot
+    continue: it starts afresh, at the data's first batch.
     """
     state = engine.state
-    if not isinstance(engine, DeterministicEngine) and state.epoch_length and state.iteration % state.epoch_length:
-        reset_state(engine)
+    restarts = engine._init_iter == 0  # set by Ignite's run() after terminate(); None where it resumes
+    if not isinstance(engine, DeterministicEngine) and state.epoch_length and state.iteration % state.epoch_length and restarts:
+        engine.carried_state.reset(data_position=0)
 
 
 def _reset_at_epoch_start(engine: Engine) -> None:
     # Not when a run resumes mid-epoch from a state_dict: the restored stream continues.
     state = engine.state
     if state.epoch_length is None or state.iteration == (state.epoch - 1) * state.epoch_length:
-        reset_state(engine)
+        engine.carried_state.reset(data_position=0)  # an epoch's stream starts at the data's beginning

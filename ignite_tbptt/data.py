@@ -91,7 +91,8 @@ class StreamBatches:
 
     Each batch is ``(x, y, info)``: ``x`` and ``y`` are ``(seq_len, rows, ...)`` (``(rows, seq_len, ...)``
     with ``batch_first=True``; the last batch may be shorter), and ``info`` holds ``"position"``, the batch's
-    first step in its rows, with ``"resets"`` and ``"mask"`` where the batch needs them. A trainer or
+    first step in its rows, and ``"dim"``, its time axis (the trainer and the evaluator refuse a batch laid out
+    along another axis than their ``dim``), with ``"resets"`` and ``"mask"`` where the batch needs them. A trainer or
     evaluator with ``carry_state=True`` checks the position and raises an error for a batch that does not
     continue its stream: a skipped, repeated or reordered batch.
 
@@ -208,7 +209,7 @@ class StreamBatches:
         time_axis = 1 if self.batch_first else 0
         for index, start in enumerate(range(0, self.steps, self.seq_len)):
             length = min(self.seq_len, self.steps - start)
-            info: Dict[str, Any] = {"position": start}
+            info: Dict[str, Any] = {"position": start, "dim": time_axis}
             for key, marks in (("resets", layout.resets), ("mask", layout.masks)):
                 if index in marks:
                     info[key] = self._marks(marks[index], length, flag=key == "resets")

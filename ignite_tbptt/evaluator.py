@@ -62,24 +62,26 @@ def supervised_tbptt_evaluation_step(
         chunks, later_of, _ = batch_plan(length, offset, tbtt_step, tbtt_step, stream=False)
         model.eval()
         done = 0
-        with torch.no_grad():
-            for chunk, later, rows, x_c, y_c in batch_chunks(chunks, later_of, x, y, offset, dim):
-                x_t, y_t = prepare_batch((x_c, y_c), device=device, non_blocking=non_blocking)
-                gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
-                start_chunk(engine, chunk, len(chunks), weight)
-                if stop_requested(engine):
-                    break
-                with autocast():
-                    y_pred = window.forward(chunk, later, x_t, gates)
-                if done == 0 and info is not None and info.gated:
-                    state.check(window.hidden, batch_size_of(x_t, dim))
-                y_pred, y_t = masked_pair(y_pred, y_t, valid, dim)
-                engine.state.output = output_transform(x_t, y_t, y_pred)
-                fire(engine, Tbptt_Events.TIME_ITERATION_COMPLETED)
-                done += 1
-                if stop_requested(engine):
-                    break
-        stream.end_batch(length, complete=done == len(chunks))
+        try:
+            with torch.no_grad():
+                for chunk, later, rows, x_c, y_c in batch_chunks(chunks, later_of, x, y, offset, dim):
+                    x_t, y_t = prepare_batch((x_c, y_c), device=device, non_blocking=non_blocking)
+                    gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
+                    start_chunk(engine, chunk, len(chunks), weight)
+                    if stop_requested(engine):
+                        break
+                    with autocast():
+                        y_pred = window.forward(chunk, later, x_t, gates)
+                    if done == 0 and info is not None and info.gated:
+                        state.check(window.hidden, batch_size_of(x_t, dim))
+                    y_pred, y_t = masked_pair(y_pred, y_t, valid, dim)
+                    engine.state.output = output_transform(x_t, y_t, y_pred)
+                    fire(engine, Tbptt_Events.TIME_ITERATION_COMPLETED)
+                    done += 1
+                    if stop_requested(engine):
+                        break
+        finally:  # a stop or an exception inside the batch ends it there
+            stream.end_batch(length, complete=done == len(chunks))
         return engine.state.output
 
     evaluate.carried_state = stream  # type: ignore[attr-defined]

@@ -3,8 +3,9 @@
 from typing import Any
 
 from ignite.engine import Engine, EventEnum, Events
+from ignite.engine.events import CallableEventWithFilter
 
-__all__ = ["Tbptt_Events", "TIME_ITERATION_ATTR", "fire", "register_tbptt_events", "start_chunk"]
+__all__ = ["Tbptt_Events", "TIME_ITERATION_ATTR", "as_ours", "fire", "register_tbptt_events", "start_chunk"]
 
 #: The ``engine.state`` attribute that counts chunks over the run, like ``iteration`` counts batches.
 TIME_ITERATION_ATTR = "time_iteration"
@@ -13,21 +14,49 @@ TIME_ITERATION_ATTR = "time_iteration"
 class Tbptt_Events(EventEnum):
     """Events fired around every time chunk of a batch.
 
-    Both events carry the counter ``engine.state.time_iteration``, so filters work on them, unlike
-    Ignite's own TBPTT events:
+    All carry the counter ``engine.state.time_iteration``, so filters work on them, unlike Ignite's own TBPTT
+    events:
 
     .. code-block:: python
 
         @trainer.on(Tbptt_Events.TIME_ITERATION_COMPLETED(every=100))
         def log_chunk_loss(engine):
             print(engine.state.time_iteration, engine.state.chunk, float(engine.state.output))
+
+    Ignite tells events apart by their names and keeps which counter an event has in a table that every engine
+    in the process shares. These events are therefore named ``TBPTT_TIME_ITERATION_STARTED`` and so on, with
+    ``TIME_ITERATION_STARTED`` as an alias: registered under Ignite's own names, they would give Ignite's own
+    TBPTT trainer a counter it never advances. Handlers registered on our engines with Ignite's
+    ``Tbptt_Events`` are taken as ours (:func:`as_ours`).
     """
 
-    TIME_ITERATION_STARTED = "time_iteration_started"
+    TBPTT_TIME_ITERATION_STARTED = "tbptt_time_iteration_started"
     #: Between a chunk's backward pass and its optimizer step (only when the optimizer steps): gradients
     #: are final (unscaled under AMP, averaged across processes), so handlers can log or clip them.
-    GRADIENTS_COMPUTED = "gradients_computed"
-    TIME_ITERATION_COMPLETED = "time_iteration_completed"
+    TBPTT_GRADIENTS_COMPUTED = "tbptt_gradients_computed"
+    TBPTT_TIME_ITERATION_COMPLETED = "tbptt_time_iteration_completed"
+    TIME_ITERATION_STARTED = "tbptt_time_iteration_started"
+    GRADIENTS_COMPUTED = "tbptt_gradients_computed"
+    TIME_ITERATION_COMPLETED = "tbptt_time_iteration_completed"
+
+
+#: Ignite's names for chunk events (``ignite.contrib.engines.Tbptt_Events``), and ours for the same events.
+_IGNITE_NAMES = {"TIME_ITERATION_STARTED": Tbptt_Events.TIME_ITERATION_STARTED,
+                 "TIME_ITERATION_COMPLETED": Tbptt_Events.TIME_ITERATION_COMPLETED}
+
+
+def as_ours(event: Any) -> Any:
+    """``event`` as one of our :class:`Tbptt_Events` if it is Ignite's chunk event of that name (its filter kept),
+    else unchanged: the drop-in promise for handlers registered with Ignite's ``Tbptt_Events``.
+
+    >>> from ignite.contrib.engines import Tbptt_Events as IgniteEvents
+    >>> as_ours(IgniteEvents.TIME_ITERATION_COMPLETED) is Tbptt_Events.TIME_ITERATION_COMPLETED
+    True
+    """
+    ours = _IGNITE_NAMES.get(getattr(event, "name", None)) if isinstance(event, CallableEventWithFilter) else None
+    if ours is None:
+        return event
+    return ours if event.filter is None else CallableEventWithFilter(ours.value, event.filter, ours.name)
 
 
 def register_tbptt_events(engine: Engine) -> None:

@@ -133,7 +133,7 @@ class ChunkWise(MetricUsage):
 
     >>> usage = ChunkWise(every=10)
     >>> usage.STARTED.name, usage.ITERATION_COMPLETED.name, usage.COMPLETED.name
-    ('TIME_ITERATION_STARTED', 'TIME_ITERATION_COMPLETED', 'TIME_ITERATION_COMPLETED')
+    ('TBPTT_TIME_ITERATION_STARTED', 'TBPTT_TIME_ITERATION_COMPLETED', 'TBPTT_TIME_ITERATION_COMPLETED')
     """
 
     usage_name: str = "chunk_wise"
@@ -181,7 +181,7 @@ class ChunkUpdated(MetricUsage):
 
     >>> usage = ChunkUpdated("running_batch_wise")
     >>> usage.usage_name, usage.STARTED.name, usage.ITERATION_COMPLETED.name, usage.COMPLETED.name
-    ('running_batch_wise', 'STARTED', 'TIME_ITERATION_COMPLETED', 'ITERATION_COMPLETED')
+    ('running_batch_wise', 'STARTED', 'TBPTT_TIME_ITERATION_COMPLETED', 'ITERATION_COMPLETED')
     """
 
     def __init__(self, usage: Union[str, MetricUsage], scored_only: bool = False) -> None:

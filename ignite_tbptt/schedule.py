@@ -165,6 +165,12 @@ class RandomLength:
             raise ValueError(f"RandomLength: bptt must be >= 1, got {bptt}")
         if min_length < 1:
             raise ValueError(f"RandomLength: min_length must be >= 1, got {min_length}")
+        if bptt < min_length:
+            raise ValueError(
+                f"RandomLength: bptt={bptt} is below min_length={min_length}: every chunk would be at least "
+                f"{min_length} steps and each update's learning rate scaled by length / bptt >= {min_length / bptt:g}; "
+                f"pass bptt >= {min_length}, or a smaller min_length"
+            )
         if not (isinstance(p_full, (int, float)) and 0 <= p_full <= 1):
             raise ValueError(f"RandomLength: p_full must be a probability in [0, 1], got {p_full!r}")
         if not (isinstance(std, (int, float)) and std >= 0 and math.isfinite(std)):

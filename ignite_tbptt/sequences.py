@@ -11,7 +11,9 @@ A batch may carry a third element, a dict of per-sample sequence information, ne
   streams);
 - ``"position"``: an int, the batch's first step in its stream (:class:`~ignite_tbptt.data.StreamBatches` sets
   it). With ``carry_state=True`` a batch must start where the previous one stopped, or the trainer raises an
-  error instead of carrying the state across unrelated steps.
+  error instead of carrying the state across unrelated steps;
+- ``"dim"``: the batch's time axis, as it was laid out (:class:`~ignite_tbptt.data.StreamBatches` sets it): a
+  trainer or evaluator whose ``dim`` differs raises an error instead of swapping time and samples.
 
 What the trainer and the evaluator make of it:
 
@@ -36,7 +38,7 @@ from ignite_tbptt.state import StateProtocol
 
 __all__ = ["Gate", "GateTrack", "SequenceInfo", "parse_sequence_info", "chunk_gates", "masked_pair"]
 
-SEQUENCE_KEYS = ("lengths", "mask", "resets", "position")
+SEQUENCE_KEYS = ("lengths", "mask", "resets", "position", "dim")
 
 
 class Gate(NamedTuple):
@@ -149,13 +151,19 @@ def parse_sequence_info(info: Any, x: torch.Tensor, dim: int) -> SequenceInfo:
     >>> parse_sequence_info({"length": torch.tensor([4, 2])}, x, dim=0)
     Traceback (most recent call last):
     ...
-    ValueError: unknown sequence info keys ['length']; expected some of ('lengths', 'mask', 'resets', 'position')
+    ValueError: unknown sequence info keys ['length']; expected some of ('lengths', 'mask', 'resets', 'position', 'dim')
     """
     if not isinstance(info, Mapping):
         raise TypeError(f"the third element of a batch must be a dict of sequence info, got {type(info).__name__}")
     unknown = sorted(set(info) - set(SEQUENCE_KEYS))
     if unknown:
         raise ValueError(f"unknown sequence info keys {unknown}; expected some of {SEQUENCE_KEYS}")
+    if "dim" in info and info["dim"] != dim:
+        raise ValueError(
+            f"this batch is laid out with its time axis at dim={info['dim']}, but the trainer or evaluator reads time "
+            f"along dim={dim}: it would swap time and samples. Pass dim={info['dim']} to the trainer and the "
+            f"evaluator (or build the batches with batch_first={dim == 1})"
+        )
     if dim not in (0, 1) or x.dim() < 2:
         raise ValueError(f"sequence info needs x with a batch axis and the time axis dim=0 or 1, got dim={dim}")
     shape = tuple(x.shape[:2])

@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 
 import ignite.distributed as idist
 import torch
-from ignite.engine import Engine, _prepare_batch
+from ignite.engine import Engine, Events, _prepare_batch
 from torch import nn
 
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
@@ -27,7 +27,7 @@ from ignite_tbptt.schedule import (
 from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
 from ignite_tbptt.updates import (
-    SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, all_finite, count_skipped_updates, count_window_lengths, found_inf,
+    SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, BurnInTally, all_finite, count_skipped_updates, count_window_lengths, found_inf,
     scaled_learning_rate,
 )
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
@@ -82,6 +82,7 @@ def supervised_tbptt_training_step(
     check_state: bool = False,
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
+    merge_calls: bool = False,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
 
@@ -130,7 +131,10 @@ def supervised_tbptt_training_step(
     accumulate = gradient_accumulation_steps
     # Looked up at call time so that a test can patch the module-level _detach_hidden.
     detach = lambda hidden: _detach_hidden(hidden)  # noqa: E731
-    window = OVERLAP_MODES[overlap](model, model_fn, detach, dim, state, checkpoint_every)
+    if merge_calls and overlap != "recompute":
+        raise ValueError('merge_calls=True applies to overlap="recompute" only: retain runs every step once')
+    window = (RecomputeWindow(model, model_fn, detach, dim, state, checkpoint_every, merge_calls) if overlap == "recompute"
+              else RetainWindow(model, model_fn, detach, dim, state, checkpoint_every))
     stream = CarriedState(window, carry_state, burn_in)
     keep_predictions = output_transform is not _default_output_transform
     group_weight = 0  # loss terms the current accumulation group backpropagated (0: nothing yet)
@@ -247,6 +251,7 @@ def supervised_tbptt_training_step(
         return detached(y_pred) if keep_predictions else None, engine.state.output, weight
 
     unchecked = check_state  # the state-passing check runs on the first batch longer than one chunk
+    tally = BurnInTally(burn_in) if burn_in else None
 
     def update(engine: Engine, batch: Any) -> Any:
         nonlocal unchecked
@@ -264,31 +269,36 @@ def supervised_tbptt_training_step(
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
         model.train()
         total, total_weight, predictions, done = None, 0, [], 0
-        for chunk, later, rows, x_c, y_c in batch_chunks(chunks, later_of, x, y, offset, dim):
-            # A batch that resets, pads or burns in works on the state per sample: its batch axes are checked at
-            # its first chunk, before the first update, rather than at the first reset deep inside the batch.
-            check_axes = done == 0 and info is not None and info.gated
-            ran = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed, check_axes)
-            if ran is None:
-                break
-            y_pred, loss, weight = ran
-            # One running sum, updated in place: keeping every chunk's loss alive until the batch ends would
-            # scatter small long-lived allocations between the chunks' activations and fragment the heap.
-            total = loss * weight if total is None else total.add_(loss, alpha=weight)
-            total_weight += weight
-            done += 1
-            if keep_predictions:
-                predictions.append(y_pred)
-            if stop_requested(engine):
-                break
-        stream.end_batch(length, complete=done == len(chunks))
-        if done < len(chunks):
-            drop_group()
+        try:
+            for chunk, later, rows, x_c, y_c in batch_chunks(chunks, later_of, x, y, offset, dim):
+                # A batch that resets, pads or burns in works on the state per sample: its batch axes are checked
+                # at its first chunk, before the first update, rather than at the first reset deep in the batch.
+                check_axes = done == 0 and info is not None and info.gated
+                ran = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed, check_axes)
+                if ran is None:
+                    break
+                y_pred, loss, weight = ran
+                # One running sum, updated in place: keeping every chunk's loss alive until the batch ends would
+                # scatter small long-lived allocations between the chunks' activations and fragment the heap.
+                total = loss * weight if total is None else total.add_(loss, alpha=weight)
+                total_weight += weight
+                done += 1
+                if keep_predictions:
+                    predictions.append(y_pred)
+                if stop_requested(engine):
+                    break
+        finally:  # a stop or an exception inside the batch ends it there, the stream and the group with it
+            stream.end_batch(length, complete=done == len(chunks))
+            if done < len(chunks):
+                drop_group()
+        if tally is not None:
+            tally.add(total_weight, stream.position if stream.carry else length)
         y_pred = cat_time(predictions, dim) if predictions else None
         mean = total / total_weight if total_weight else torch.tensor(float("nan"))  # nan: nothing was valid
         return output_transform(x, y, y_pred, mean)
 
     update.carried_state = stream  # type: ignore[attr-defined]
+    update.burn_in_tally = tally  # type: ignore[attr-defined]
     draws = {CHUNK_LENGTHS_KEY: lengths, TRUNCATION_DRAWS_KEY: artbp}
     update.draws = {key: d for key, d in draws.items() if d is not None}  # type: ignore[attr-defined]
     return update
@@ -319,6 +329,7 @@ def create_supervised_tbptt_trainer(
     check_state: bool = False,
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
+    merge_calls: bool = False,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
 
@@ -413,6 +424,11 @@ def create_supervised_tbptt_trainer(
             (``keep`` a ``(B,)`` bool tensor, ``False`` for the samples to reset), for a model whose fresh state
             is not zeros. ``None``: zeros, written with ``torch.where`` so that a non-finite state is cleared.
             Padding of a fresh stream holds a sample at the state it gives too.
+        merge_calls: with ``overlap="recompute"``, re-run each window in as few model calls as its sequence
+            information allows, instead of in the calls the forward pass made (each chunk, cut where a later
+            window starts). Only for a model whose output does not depend on where the stream is cut into calls
+            (``nn.RNN``/``GRU``/``LSTM`` and their cells do not; a Transformer-XL memory does): the gradient is
+            then the same, and fused kernels at small ``k1`` run faster.
 
     Returns:
         an Ignite ``Engine`` with :class:`Tbptt_Events` registered.
@@ -439,11 +455,13 @@ def create_supervised_tbptt_trainer(
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
-        hidden_batch_dim, checkpoint_every, skip_nonfinite, check_state, burn_in, reset_hidden,
+        hidden_batch_dim, checkpoint_every, skip_nonfinite, check_state, burn_in, reset_hidden, merge_calls,
     )
     engine = tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
     if skip_nonfinite:
         count_skipped_updates(engine)
     if isinstance(k2, ARTBP):
         count_window_lengths(engine)
+    if step.burn_in_tally is not None:  # type: ignore[attr-defined]
+        engine.add_event_handler(Events.EPOCH_COMPLETED, step.burn_in_tally.check)  # type: ignore[attr-defined]
     return engine

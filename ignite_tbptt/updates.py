@@ -1,15 +1,17 @@
 """What an optimizer update needs beyond ``optimizer.step()``: the finiteness checks of ``skip_nonfinite``, its
-count of skipped updates, the scaled learning rate of random chunk lengths, and the tally of random windows."""
+count of skipped updates, the scaled learning rate of random chunk lengths, the tally of random windows, and the
+tally that finds an epoch of burn-in only."""
 
 import collections
 import contextlib
+import warnings
 from typing import Any, Callable, Iterator, List
 
 import torch
 from ignite.engine import Engine, Events
 
 __all__ = [
-    "SKIPPED_UPDATES_ATTR", "WINDOW_LENGTHS_ATTR", "all_finite", "count_skipped_updates", "count_window_lengths",
+    "SKIPPED_UPDATES_ATTR", "WINDOW_LENGTHS_ATTR", "BurnInTally", "all_finite", "count_skipped_updates", "count_window_lengths",
     "found_inf", "keep_per_run", "scaled_learning_rate",
 ]
 
@@ -81,3 +83,29 @@ def count_window_lengths(engine: Engine) -> None:
     """Keep ``engine.state.window_lengths``, a ``Counter`` of backprop window lengths in steps over the run's
     updates (random with ``k2=ARTBP(...)``), empty at every fresh run and saved in ``state_dict()``."""
     keep_per_run(engine, WINDOW_LENGTHS_ATTR, collections.Counter)
+
+
+class BurnInTally:
+    """The (step, sample) pairs an epoch scored under ``burn_in``, and its longest sequence: an epoch in which every
+    step was burn-in trained on nothing, which the trainer says once, with the numbers, instead of silently."""
+
+    def __init__(self, burn_in: int) -> None:
+        self.burn_in, self.scored, self.longest, self.warned = burn_in, 0, 0, False
+
+    def add(self, scored: int, length: int) -> None:
+        """A batch that scored ``scored`` pairs, its stream now ``length`` steps long."""
+        self.scored += scored
+        self.longest = max(self.longest, length)
+
+    def check(self, engine: Any) -> None:
+        """At an epoch's end: warn (once per trainer) if the epoch scored nothing, then start the next tally."""
+        if not self.scored and self.longest and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"burn_in={self.burn_in} is at least as long as every sequence of epoch {engine.state.epoch}, whose "
+                f"longest ran {self.longest} steps: every step was burn-in, so no loss was scored, no update was made "
+                "and the output is nan. Lower burn_in below the length of the sequences (or carry the state across "
+                "batches with carry_state=True)",
+                stacklevel=2,
+            )
+        self.scored, self.longest = 0, 0

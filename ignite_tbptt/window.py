@@ -164,6 +164,10 @@ class RecomputeWindow:
         checkpoint_every: run the window in segments of at most this many steps under activation
             checkpointing, so memory holds one state per segment plus one segment's activations instead of
             the whole window's; ``None`` keeps all activations.
+        merge_calls: re-run a window in as few model calls as its sequence gates allow, instead of in the calls
+            the forward pass made (each chunk, cut where a later window starts). The same for a model whose
+            output does not depend on where the stream is cut into calls (``nn.RNN``/``GRU``/``LSTM``), and
+            faster for fused kernels at small ``k1``; a Transformer-XL memory would compute another forward pass.
 
     Example:
         >>> import torch
@@ -179,10 +183,10 @@ class RecomputeWindow:
 
     def __init__(
         self, model: Any, model_fn: ModelFn, detach: Callable, dim: int, state: Optional[StateProtocol] = None,
-        checkpoint_every: Optional[int] = None,
+        checkpoint_every: Optional[int] = None, merge_calls: bool = False,
     ) -> None:
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.merge_calls = checkpoint_every, merge_calls
         self.inputs, self.gates = _Inputs(dim), GateTrack(state or StateProtocol())
         self.factors: Dict[int, float] = {}  # the compensations (ARTBP) at the chunk starts a window may still cross
         self.reset()
@@ -212,8 +216,9 @@ class RecomputeWindow:
         # The window re-runs in the calls the forward pass made (every chunk, cut where a later window starts), so
         # that a model whose output depends on where it is cut (a memory of the last M steps) runs as it ran.
         self.calls += [chunk.start, *later_starts]
+        calls = [chunk.start, next_start] if self.merge_calls else self.calls
         cuts = [
-            *self.calls, *self.gates.cuts(self.state_at, chunk.stop),
+            *calls, *self.gates.cuts(self.state_at, chunk.stop),
             *checkpoint_cuts(self.state_at, chunk.stop, self.checkpoint_every), *self.factors,
         ]
         window_start = self.state_at

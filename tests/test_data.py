@@ -55,7 +55,7 @@ def test_a_single_stream_gives_the_word_language_model_batches(n, batch_size, se
     assert len(got) == len(expected) == len(StreamBatches(tokens, batch_size, seq_len))
     for (x, y, info), (ex, ey) in zip(got, expected):
         assert torch.equal(x, ex) and torch.equal(y, ey)
-    assert set(got[0][2]) == {"position", "resets"} and all(set(b[2]) == {"position"} for b in got[1:])
+    assert set(got[0][2]) == {"position", "dim", "resets"} and all(set(b[2]) == {"position", "dim"} for b in got[1:])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -199,3 +199,26 @@ def test_check_state_passing_finds_a_reset_that_is_not_the_fresh_state():
 def test_check_state_passing_names_a_wrong_batch_axis():
     with pytest.raises(AssertionError, match=r"state leaf hidden of shape \(2, 3, 2, 2, 2\) has no batch axis"):
         check_state_passing(make_state_model("rwkv"), _data()[0], 4, hidden_batch_dim=-2)
+
+
+@pytest.mark.parametrize("k1,k2", [(2, 7), (3, 9)])
+def test_merge_calls_is_the_same_for_a_model_that_does_not_depend_on_the_cut_and_not_for_one_that_does(k1, k2):
+    from tests.models import make_model
+
+    x, y = _data()
+    for kind, same in (("LSTM", True), ("memory", False)):
+        runs = []
+        for merge in (False, True):
+            model = make_model(kind) if kind == "LSTM" else make_state_model(kind)
+            create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(),
+                                            tbtt_step=k1, k2=k2, merge_calls=merge).run([(x, y)])
+            runs.append([p.detach() for p in model.parameters()])
+        close = all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(*runs))
+        assert close == same, kind
+
+
+def test_merge_calls_is_for_recompute_only():
+    model = make_state_model("ssm")
+    with pytest.raises(ValueError, match='merge_calls=True applies to overlap="recompute" only'):
+        create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), tbtt_step=3,
+                                        k2=6, overlap="retain", merge_calls=True)
