@@ -5,6 +5,7 @@ from ignite_tbptt.data import StreamBatches
 from ignite_tbptt.evaluator import create_supervised_tbptt_evaluator, supervised_tbptt_evaluation_step
 from ignite_tbptt.events import Tbptt_Events
 from ignite_tbptt.handlers import ChunkedBatchWise, ChunkedEpochWise, ChunkProgressBar, ChunkUpdated, ChunkWise, TbpttLoss
+from ignite_tbptt.horizon import GradientHorizon, gradient_horizon
 from ignite_tbptt.schedule import ARTBP, Chunk, RandomLength
 from ignite_tbptt.trainer import create_supervised_tbptt_trainer, reset_state, supervised_tbptt_training_step
 
@@ -19,6 +20,8 @@ __all__ = [
     "ChunkWise",
     "create_supervised_tbptt_evaluator",
     "create_supervised_tbptt_trainer",
+    "gradient_horizon",
+    "GradientHorizon",
     "RandomLength",
     "reset_state",
     "StreamBatches",
