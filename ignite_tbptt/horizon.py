@@ -148,17 +148,21 @@ def gradient_horizon(
     otherwise, ``beta`` is ``nan``. A fit with ``beta >= 1`` means no geometric decay over the lags measured: a
     ``UserWarning`` says so, ``relative_bias`` is ``inf`` and ``suggest`` raises.
 
-    **The bias bound.** The full gradient of the loss is a sum over lags ``k`` of terms, each the gradient
-    backpropagated into ``s_{T-1-k}`` times that step's own derivative with respect to the parameters; so a term
-    is bounded by ``M * phi_k`` with ``M`` a bound on the steps' parameter derivatives. Truncating after ``K``
-    steps drops the terms ``k >= K``. Under the geometric model ``phi_k = c * beta**k`` the dropped mass relative
-    to the total is
+    **The bias bound.** The gradient of the last step's loss with respect to the parameters is a sum over lags
+    ``k`` of terms, the term of lag ``k`` from the parameters' use in the step ``k`` steps before the last: the
+    gradient backpropagated to that step's output times the step's derivative with respect to the parameters.
+    So the terms shrink with the lag as ``phi`` does (a term of lag ``k >= 1`` is at most ``M * phi_{k-1}``,
+    ``M`` a bound on a step's parameter derivative: the same rate ``beta``). Truncating after ``K`` steps keeps
+    lags ``0..K-1`` and drops the terms ``k >= K``. Under the geometric model, term sizes ``c * beta**k`` for all
+    ``k >= 0``, the dropped mass relative to the total is
 
         ``relative_bias(K) = sum_{k >= K} beta**k / sum_{k >= 0} beta**k = beta**K``
 
-    (for ``beta < 1``; ``c``, ``M`` and the ``1 / (1 - beta)`` of both sums cancel). It is the relative bias the
-    truncation can cause where the dropped terms do not cancel one another; it is computed from the fitted
-    ``beta`` alone, not from the measured ``phi_k``. Aicher et al.'s adaptive rule then takes the smallest
+    (for ``beta < 1``; ``c`` and the ``1 / (1 - beta)`` of both sums cancel). It is the share of the gradient's
+    mass that the truncation drops: a bound on the relative bias ``||dropped|| / ||full gradient||`` as long as
+    the terms do not cancel one another in the full gradient (where they do, the full gradient is smaller and
+    the relative bias can be larger). It is computed from the fitted ``beta`` alone, not from the measured
+    ``phi_k``, so that ``suggest`` is exactly the geometric rule below. Aicher et al.'s adaptive rule then takes the smallest
     truncation length whose bound is within the tolerance ``delta``:
 
         ``suggest(delta) = min {K >= 1 : beta**K <= delta} = ceil(log(delta) / log(beta))``.
