@@ -136,7 +136,7 @@ def create_supervised_tbptt_evaluator(
             metrics.
 
     Returns:
-        an Ignite ``Engine`` with :class:`Tbptt_Events` registered and ``metrics`` attached.
+        an Ignite ``Engine`` with :class:`~ignite_tbptt.events.Tbptt_Events` registered and ``metrics`` attached.
 
     Example:
         >>> from ignite.metrics import MeanSquaredError

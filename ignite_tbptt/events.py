@@ -27,12 +27,12 @@ class Tbptt_Events(EventEnum):
     in the process shares. These events are therefore named ``TBPTT_TIME_ITERATION_STARTED`` and so on, with
     ``TIME_ITERATION_STARTED`` as an alias: registered under Ignite's own names, they would give Ignite's own
     TBPTT trainer a counter it never advances. Handlers registered on our engines with Ignite's
-    ``Tbptt_Events`` are taken as ours (:func:`as_ours`).
+    ``Tbptt_Events`` are taken as ours (:func:`~ignite_tbptt.events.as_ours`).
     """
 
     TBPTT_TIME_ITERATION_STARTED = "tbptt_time_iteration_started"
-    #: Between a chunk's backward pass and its optimizer step (only when the optimizer steps): gradients
-    #: are final (unscaled under AMP, averaged across processes), so handlers can log or clip them.
+    #: Fired between a chunk's backward pass and its optimizer step, whenever the optimizer steps. The gradients
+    #: are final then, unscaled under AMP and averaged across processes, so handlers can log or clip them.
     TBPTT_GRADIENTS_COMPUTED = "tbptt_gradients_computed"
     TBPTT_TIME_ITERATION_COMPLETED = "tbptt_time_iteration_completed"
     TIME_ITERATION_STARTED = "tbptt_time_iteration_started"

@@ -193,7 +193,7 @@ def gradient_horizon(
             measured step).
 
     Returns:
-        a :class:`GradientHorizon` with ``norms`` (the ``phi_k``), ``decay`` (``beta``), ``relative_bias(K)``,
+        a :class:`~ignite_tbptt.horizon.GradientHorizon` with ``norms`` (the ``phi_k``), ``decay`` (``beta``), ``relative_bias(K)``,
         ``suggest(delta)`` and ``plot(ax=None)``.
 
     Example:

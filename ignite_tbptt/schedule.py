@@ -3,7 +3,7 @@
 Nothing here knows about torch; the random draws (:class:`RandomLength`, :class:`ARTBP`) are made here too,
 from seeded ``random.Random`` generators whose state the trainer saves. Positions are time steps in *stream*
 coordinates: a chunk or a segment ``(start, stop]`` covers the steps ``start + 1 .. stop``, so its length is
-``stop - start``. See ``SPEC.md`` for the definitions this module implements:
+``stop - start``. See ``docs/contract.md`` for the definitions this module implements:
 
 - chunk ``c`` is ``(s_c, t_c]``, with ``t_c = s_c + k1`` and a shorter last chunk;
 - its update differentiates the window ``(w_c, t_c]``, ``w_c = max(0, s_c - (k2 - k1))``; position 0 is
@@ -144,7 +144,7 @@ class RandomLength:
 
     Each chunk's length is drawn afresh: ``base = bptt`` with probability ``p_full`` (0.95), else ``bptt / 2``;
     ``length = max(min_length, int(normal(base, std)))`` with ``std = 5`` and ``min_length = 5``, and at most
-    ``max_length`` where given. The trainer scales each update's learning rate by ``length / bptt`` (SPEC,
+    ``max_length`` where given. The trainer scales each update's learning rate by ``length / bptt`` (docs/contract.md,
     "Random chunk lengths"). The draws follow ``seed`` and their state is part of the trainer's ``state_dict()``,
     so a resumed run draws the lengths the uninterrupted one would have. The trainer draws from its own copy.
 
@@ -218,7 +218,7 @@ class ARTBP:
     ``p(length)`` of the current window's length in chunks (the chunks since the last truncation). Update ``c``
     backpropagates its chunk's loss back to the last truncation before it, and wherever that backward pass crosses
     a boundary at which no truncation happened, the state gradient is multiplied by ``1 / (1 - p)`` there. For
-    fixed parameters the expected gradient is then the gradient of the chunk's loss through the whole stream (SPEC,
+    fixed parameters the expected gradient is then the gradient of the chunk's loss through the whole stream (docs/contract.md,
     "Unbiased truncation"). A constant ``p`` gives windows of ``1 / p`` chunks on average, geometrically
     distributed.
 

@@ -36,7 +36,10 @@ import torch
 
 from ignite_tbptt.state import StateProtocol
 
-__all__ = ["Gate", "GateTrack", "SequenceInfo", "parse_sequence_info", "chunk_gates", "masked_pair"]
+__all__ = [
+    "BurnIn", "Gate", "GateTrack", "SequenceInfo", "burn_in_marks", "chunk_gates", "masked_pair", "parse_sequence_info",
+    "run_gated",
+]
 
 SEQUENCE_KEYS = ("lengths", "mask", "resets", "position", "dim")
 
@@ -83,12 +86,12 @@ class SequenceInfo(NamedTuple):
 
     @property
     def gated(self) -> bool:
-        """Whether some step is padding, a reset or burn-in: the forward pass must be cut at change points."""
+        """Whether some step is padding, a reset or burn-in, so that the forward pass is cut at change points."""
         return self.valid is not None or self.resets is not None or self.warm is not None
 
     @property
     def scored(self) -> Optional[torch.Tensor]:
-        """The (step, sample) pairs the loss scores: valid and past the burn-in; ``None`` for all."""
+        """The (step, sample) pairs the loss scores, those valid and past the burn-in; ``None`` for all."""
         if self.warm is None:
             return self.valid
         return ~self.warm if self.valid is None else self.valid & ~self.warm

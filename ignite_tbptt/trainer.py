@@ -93,7 +93,7 @@ def supervised_tbptt_training_step(
     no host sync per chunk). The batch output is ``output_transform(x, y, y_pred, loss)`` with ``loss`` the
     mean of the chunk losses weighted by their number of valid (step, sample) pairs, and ``y_pred`` the
     detached predictions over the batch (collected only for a custom ``output_transform``). The returned
-    function's ``carried_state`` attribute is its :class:`CarriedState`.
+    function's ``carried_state`` attribute is its :class:`~ignite_tbptt.carry.CarriedState`.
 
     Example:
         >>> from ignite.engine import Engine
@@ -337,7 +337,7 @@ def create_supervised_tbptt_trainer(
     protocol and events. Each batch ``(x, y)`` is cut along ``dim`` into chunks of ``k1 = tbtt_step`` steps
     (the last may be shorter). After every chunk the optimizer steps, with the gradient of that chunk's
     loss backpropagated through the last ``k2`` steps (the chunk and up to ``k2 - k1`` steps before it, see
-    ``SPEC.md``). With ``k2 == tbtt_step`` (the default) this is exactly Ignite's trainer.
+    ``docs/contract.md``). With ``k2 == tbtt_step`` (the default) this is exactly Ignite's trainer.
 
     Beyond Ignite's trainer:
 
@@ -383,7 +383,7 @@ def create_supervised_tbptt_trainer(
         k2: how many steps each update backpropagates; ``None`` means ``tbtt_step`` (a ``RandomLength``'s
             ``bptt``), and ``k2 - bptt`` is then the fixed overlap before every chunk. Or
             :class:`~ignite_tbptt.schedule.ARTBP`: random truncation at chunk boundaries with compensation factors,
-            whose expected gradient is the gradient through the whole stream (SPEC "Unbiased truncation"); its
+            whose expected gradient is the gradient through the whole stream (docs/contract.md, "Unbiased truncation"); its
             draws are part of ``state_dict()`` and ``engine.state.window_lengths`` counts the windows.
         overlap: ``"recompute"`` or ``"retain"``: how the ``k2 - k1`` overlap steps are differentiated.
         model_fn: ``model_fn(model, x, hidden) -> (y_pred, hidden)``.
@@ -412,7 +412,7 @@ def create_supervised_tbptt_trainer(
         check_state: run :func:`~ignite_tbptt.checks.check_state_passing` on the first batch longer than one chunk,
             before any update: an ``AssertionError`` if the model ignores the state it is given or does not
             continue from it. It costs two forward passes over that batch, once.
-        burn_in: warm-up steps (SPEC "Burn-in"): for every sample, its first ``burn_in`` valid steps after its
+        burn_in: warm-up steps (docs/contract.md, "Burn-in"): for every sample, its first ``burn_in`` valid steps after its
             state starts afresh (a fresh stream, ``reset_state``, a per-sample reset) run forward and build the
             state, but score nothing and take no gradient; the state after them is held constant, as a window
             start is. Spans where every sample warms up run under ``torch.no_grad()``.

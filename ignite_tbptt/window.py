@@ -1,6 +1,6 @@
 """Autograd mechanics of the backprop window: what one TBPTT(k1, k2) update runs forward and backward.
 
-Two classes implement ``SPEC.md``'s two ``overlap`` modes behind two calls:
+Two classes implement the two ``overlap`` modes behind two calls:
 ``window.forward(chunk, later_starts, x_chunk, gates) -> y_pred`` and ``window.backward(loss)``, which leaves
 the chunk's gradient in the parameters' ``.grad``. The loss (with any masking or scaling) and the optimizer
 step belong to the caller. Scheduling comes from
@@ -500,7 +500,7 @@ class RetainWindow:
     def state_dict(self) -> Dict[str, Any]:
         """The retained segments as inputs, input states and what their graphs saved (graphs cannot be saved).
 
-        :meth:`load_state_dict` rebuilds each graph by running its segment again and giving it the saved
+        ``load_state_dict`` rebuilds each graph by running its segment again and giving it the saved
         tensors of the original (the activations and parameter versions its backward pass reads), so a resumed
         run backpropagates through exactly what the interrupted one would have. Under activation checkpointing
         the segments keep their parameter versions instead, and run again under them.

@@ -1,4 +1,4 @@
-"""Brute-force, step-by-step references for TBPTT(k1, k2), written straight from SPEC.md.
+"""Brute-force, step-by-step references for TBPTT(k1, k2), written straight from docs/contract.md.
 
 The model is called one time step at a time, each update rebuilds its whole window from scratch, and
 parameter versions are explicit copies. Slow on purpose: nothing here shares code with the trainer.

@@ -1,4 +1,4 @@
-"""Unbiased truncation, ``k2=ARTBP(p)`` (SPEC "Unbiased truncation"): the draws, exactness against the step-by-step
+"""Unbiased truncation, ``k2=ARTBP(p)`` (docs/contract.md, "Unbiased truncation"): the draws, exactness against the step-by-step
 float64 reference with the compensation factors, and unbiasedness, measured over many independent draws."""
 
 import collections

@@ -1,4 +1,4 @@
-"""burn_in=b (SPEC "Burn-in"): warm-up steps build the state, score nothing and take no gradient; exact against
+"""burn_in=b (docs/contract.md, "Burn-in"): warm-up steps build the state, score nothing and take no gradient; exact against
 the step-by-step float64 reference in both overlap modes, with every feature."""
 
 import pytest
@@ -48,7 +48,7 @@ def check(kind, T, k1, k2, overlap, burn_in, valid=None, resets=None, pieces=Non
     [
         (12, 3, 3, 5),  # burn-in longer than a chunk
         (12, 3, 7, 4),  # windows that would reach back into the burn-in
-        (12, 4, 4, 6),  # the SPEC's example: (0, 4] scores nothing, (4, 8] scores 7 and 8
+        (12, 4, 4, 6),  # the contract's example: (0, 4] scores nothing, (4, 8] scores 7 and 8
         (10, 2, 9, 1),
         (9, 3, 5, 20),  # burn-in longer than the sequence: nothing is scored
     ],

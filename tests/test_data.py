@@ -250,7 +250,7 @@ def test_carried_state_over_stream_batches_matches_the_reference(form, lengths, 
     assert sum(b[0].shape[0] for b in batches) == x.shape[0]
     got = batches_trajectory(make_model("GRU"), batches, k1, k2, overlap, carry_state=True)
     assert_same_trajectory(got, expected)
-    # The same rows as one batch train the same way (SPEC: carried state).
+    # The same rows as one batch train the same way (docs/contract.md, "Carried state").
     info = {"mask": valid, "resets": resets}
     assert_same_trajectory(batches_trajectory(make_model("GRU"), [(x, y, info)], k1, k2, overlap), expected)
 

@@ -7,7 +7,7 @@ from ignite_tbptt.schedule import Chunk, check_steps, later_window_starts, plan_
 
 
 def test_spec_example_table():
-    # SPEC.md: T = 10, k1 = 3, k2 = 5.
+    # docs/contract.md: T = 10, k1 = 3, k2 = 5.
     assert [(c.start, c.stop, c.window_start) for c in plan_chunks(10, 3, 5)] == [
         (0, 3, 0), (3, 6, 1), (6, 9, 4), (9, 10, 7),
     ]

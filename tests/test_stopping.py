@@ -1,4 +1,4 @@
-"""Stopping at the chunk (SPEC "Stopping"): no chunk starts after engine.terminate() or terminate_epoch().
+"""Stopping at the chunk (docs/contract.md, "Stopping and running again"): no chunk starts after engine.terminate() or terminate_epoch().
 
 With carried state, a batch stopped inside leaves no state from the wrong step: the next run starts the stream
 afresh, and a run stopped at a batch's end continues it exactly.
