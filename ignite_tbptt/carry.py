@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, Wei
 
 from ignite_tbptt.batches import batch_size_of
 from ignite_tbptt.schedule import Truncations
+from ignite_tbptt.window import detached
 from ignite_tbptt.sequences import BurnIn, SequenceInfo, burn_in_marks
 from ignite_tbptt.events import as_ours, register_tbptt_events
 
@@ -49,6 +50,22 @@ class CarriedState:
     def __init__(self, window: Any, carry: bool, burn_in: int = 0) -> None:
         self.window, self.carry, self.burn_in = window, carry, check_burn_in(burn_in)
         self.reset()
+
+    @property
+    def hidden(self) -> Any:
+        """The model's state after the last step of the stream so far, cut from any graph; ``None`` for a fresh
+        stream. After an evaluator has scored a text with ``carry_state=True``, generation continues from it:
+
+        >>> import torch
+        >>> from ignite_tbptt import create_supervised_tbptt_evaluator
+        >>> rnn = torch.nn.GRU(1, 3)
+        >>> evaluator = create_supervised_tbptt_evaluator(rnn, tbtt_step=4, carry_state=True)
+        >>> x = torch.randn(10, 2, 1)
+        >>> _ = evaluator.run([(x, x)])
+        >>> torch.allclose(evaluator.carried_state.hidden, rnn(x)[1])
+        True
+        """
+        return detached(self.window.end_hidden)
 
     def reset(self, data_position: Optional[int] = None) -> None:
         """Forget the carried state: the next batch starts a fresh stream.

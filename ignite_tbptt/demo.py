@@ -15,16 +15,24 @@ Run it with ``python -m ignite_tbptt.demo`` (or the ``ignite-tbptt-demo`` consol
     python -m ignite_tbptt.demo --epochs 1 --k1 25 --k2 50 --overlap retain
     python -m ignite_tbptt.demo --nproc 2
     python -m ignite_tbptt.demo --artbp 0.5 --artbp-cap 8
+
+``--save PATH`` writes one file with the weights, the vocabulary and the model's sizes, read back safely
+(``torch.load(..., weights_only=True)``) by two subcommands::
+
+    python -m ignite_tbptt.demo --save model.pt
+    python -m ignite_tbptt.demo score --load model.pt --text FILE...
+    python -m ignite_tbptt.demo sample --load model.pt --prompt "The " --length 300 --temperature 0.7 --seed 1
 """
 
 import argparse
+import collections
 import math
 import os
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import ignite.distributed as idist
 import torch
@@ -130,19 +138,128 @@ def attach_progress(trainer: Engine, every: int, bar: bool) -> None:
         print(f"  chunk {engine.state.time_iteration:6d}  loss {bits:.3f} bits/char")
 
 
-@torch.no_grad()
-def sample(model: nn.Module, vocab: List[str], prompt: str, length: int, device: torch.device) -> str:
-    """Greedy-ish sampling (temperature 0.7) from the trained model."""
-    model.eval()
+#: What a file saved by ``--save`` holds, and its format tag.
+SAVED_FORMAT = "ignite_tbptt.demo.CharLSTM/1"
+
+
+def save_model(path: str, model: CharLSTM, vocab: List[str]) -> None:
+    """One file from which :func:`load_model` rebuilds the model: its weights, vocabulary and sizes.
+
+    It holds tensors, strings and ints only, so ``torch.load(..., weights_only=True)`` reads it: loading a file
+    received from someone else runs none of its code.
+    """
+    settings = {"vocab_size": model.embed.num_embeddings, "hidden_size": model.lstm.hidden_size,
+                "embedding_size": model.embed.embedding_dim}
+    torch.save({"format": SAVED_FORMAT, "vocab": list(vocab), "settings": settings,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+
+
+def load_model(path: str, device: torch.device = torch.device("cpu")) -> Tuple[CharLSTM, List[str]]:
+    """The model and vocabulary saved by :func:`save_model`, in eval mode, or a ``ValueError`` saying why not.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+    >>> save_model(path, CharLSTM(3, 8), ["a", "b", "c"])
+    >>> model, vocab = load_model(path)
+    >>> vocab, model.lstm.hidden_size
+    (['a', 'b', 'c'], 8)
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"--load: no such file: {path}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file of another kind, or one that would need unpickling arbitrary objects
+        raise ValueError(f"--load: {path} is not a model saved by --save ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(saved, dict) or saved.get("format") != SAVED_FORMAT:
+        raise ValueError(f"--load: {path} is not a model saved by --save (format {SAVED_FORMAT!r})")
+    settings, vocab = saved["settings"], saved["vocab"]
+    if len(vocab) != settings["vocab_size"]:
+        raise ValueError(f"--load: {path} has a vocabulary of {len(vocab)} for a model of {settings['vocab_size']}")
+    model = CharLSTM(settings["vocab_size"], settings["hidden_size"], settings["embedding_size"])
+    model.load_state_dict(saved["state_dict"])
+    return model.to(device).eval(), vocab
+
+
+def encode_text(text: str, vocab: List[str], skip_unknown: bool = False) -> torch.Tensor:
+    """``text`` as character ids of ``vocab``. A character outside the vocabulary is a ``ValueError`` that names
+    it, or, with ``skip_unknown``, left out (never silently replaced by another character).
+
+    >>> encode_text("abba", ["a", "b"]).tolist()
+    [0, 1, 1, 0]
+    >>> encode_text("abc", ["a", "b"])
+    Traceback (most recent call last):
+    ...
+    ValueError: 1 character(s) of the text are not in the model's vocabulary of 2: 'c' (1x); pass --skip-unknown to leave them out
+    """
     index = {c: i for i, c in enumerate(vocab)}
-    ids = torch.tensor([[index.get(c, 0)] for c in prompt], device=device)
-    y_pred, hidden = model(ids)
+    unknown = collections.Counter(c for c in text if c not in index)
+    if unknown and not skip_unknown:
+        listed = ", ".join(f"{c!r} ({n}x)" for c, n in unknown.most_common(10))
+        raise ValueError(
+            f"{sum(unknown.values())} character(s) of the text are not in the model's vocabulary of {len(vocab)}: "
+            f"{listed}{', ...' if len(unknown) > 10 else ''}; pass --skip-unknown to leave them out"
+        )
+    return torch.tensor([index[c] for c in text if c in index], dtype=torch.long)
+
+
+def read_text(
+    model: nn.Module, ids: torch.Tensor, chunk: int = 200, scored: bool = True
+) -> Tuple[Optional[float], torch.Tensor, Any]:
+    """Read the text ``ids`` with ``model``, the state carried across it: its bits per character (``None`` for a
+    single character, or unless ``scored``), the logits of the character after it, and the state after its last
+    character.
+
+    The chunked evaluator predicts every character from those before it, holding one chunk of ``chunk`` steps
+    at a time; its carried state (``evaluator.carried_state.hidden``) then reads the last character. Unscored,
+    it has no metric, whose result Ignite would gather from every process of a distributed run.
+    """
+    bits, hidden, device = None, None, next(model.parameters()).device
+    ids = ids.to(device)
+    if len(ids) >= 2:
+        metrics = {"nll": Loss(sequence_loss)} if scored else {}
+        evaluator = create_supervised_tbptt_evaluator(model, metrics, tbtt_step=chunk, carry_state=True,
+                                                      output_transform=flat_pair)
+        state = evaluator.run([(ids[:-1].view(-1, 1), ids[1:].view(-1, 1))])
+        bits = state.metrics["nll"] * LOG2E if scored else None
+        hidden = evaluator.carried_state.hidden
+    model.eval()
+    with torch.no_grad():
+        last = ids[-1:].view(1, 1)
+        y_pred, hidden = model(last) if hidden is None else model(last, hidden)
+    return bits, y_pred[-1, 0], hidden
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module, vocab: List[str], prompt: str, length: int, temperature: float = 1.0, seed: int = 0,
+    skip_unknown: bool = False,
+) -> str:
+    """``prompt`` and ``length`` characters sampled after it, the state carried from the prompt.
+
+    Each character is drawn from the softmax of the model's logits divided by ``temperature``, by a generator
+    seeded with ``seed``: the same seed gives the same text.
+
+    >>> model, vocab = CharLSTM(2, 8), ["a", "b"]
+    >>> text = sample(model, vocab, "ab", 5, temperature=0.8, seed=1)
+    >>> len(text), text == sample(model, vocab, "ab", 5, temperature=0.8, seed=1)
+    (7, True)
+    """
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    if length < 0:
+        raise ValueError(f"--length must be >= 0, got {length}")
+    ids = encode_text(prompt, vocab, skip_unknown)
+    if len(ids) == 0:
+        raise ValueError("--prompt needs at least one character of the model's vocabulary")
+    _, logits, hidden = read_text(model, ids, scored=False)
+    generator = torch.Generator(device=logits.device).manual_seed(seed)
     out = []
     for _ in range(length):
-        probs = torch.softmax(y_pred[-1, 0] / 0.7, dim=-1)
-        nxt = torch.multinomial(probs, 1)
+        probs = torch.softmax(logits.double() / temperature, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=generator)
         out.append(vocab[nxt.item()])
         y_pred, hidden = model(nxt.view(1, 1), hidden)
+        logits = y_pred[-1, 0]
     return prompt + "".join(out)
 
 
@@ -167,7 +284,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=1, help="processes to train on (ignite.distributed)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (with --nproc, one GPU per process)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save", metavar="PATH", help="save the trained model's state_dict here")
+    parser.add_argument("--save", metavar="PATH",
+                        help="save the trained model here: weights, vocabulary and sizes in one file, for score and sample")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     args = parser.parse_args(argv)
     for name in ("k1", "epochs", "hidden", "batch_size", "seq_len", "nproc"):
@@ -265,12 +383,65 @@ def train(local_rank: int, args: argparse.Namespace, corpus: Corpus) -> None:
         f"{elapsed:.0f} s, {tokens / elapsed:,.0f} tokens/s"
     )
     if first:
-        print("sample:", sample(model, corpus.vocab, "The ", 160, device).replace("\n", " "))
+        # "The " where the corpus has those characters, else the corpus' own first characters
+        prompt = "The " if set("The ") <= set(corpus.vocab) else "".join(corpus.vocab[i] for i in corpus.train[0][:4])
+        print("sample:", sample(model, corpus.vocab, prompt, 160, temperature=0.7, seed=args.seed).replace("\n", " "))
         if args.save:
-            torch.save(model.state_dict(), args.save)
+            save_model(args.save, model, corpus.vocab)
+            say(f"saved: {args.save} (python -m ignite_tbptt.demo score --load {args.save} --text FILE)")
+
+
+def score_main(argv: Sequence[str]) -> int:
+    """``score --load PATH --text FILE...``: the bits per character of each file, the state carried across it."""
+    parser = argparse.ArgumentParser(prog="python -m ignite_tbptt.demo score", description=score_main.__doc__)
+    parser.add_argument("--load", required=True, metavar="PATH", help="a model saved by --save")
+    parser.add_argument("--text", required=True, nargs="+", metavar="FILE", help="text files, each scored on its own")
+    parser.add_argument("--skip-unknown", action="store_true", help="leave out characters outside the vocabulary")
+    parser.add_argument("--chunk", type=int, default=200, help="time steps held at once")
+    args = parser.parse_args(argv)
+    model, vocab = load_model(args.load)
+    total_bits, total_chars = 0.0, 0
+    for path in args.text:
+        if not Path(path).is_file():
+            raise ValueError(f"--text: no such file: {path}")
+        ids = encode_text(Path(path).read_text(encoding="utf-8"), vocab, args.skip_unknown)
+        bits = read_text(model, ids, args.chunk)[0]
+        if bits is None:
+            raise ValueError(f"--text: {path} has fewer than 2 characters to score")
+        print(f"{path}: {bits:.3f} bits/char over {len(ids) - 1:,} characters")
+        total_bits, total_chars = total_bits + bits * (len(ids) - 1), total_chars + len(ids) - 1
+    if len(args.text) > 1:
+        print(f"all: {total_bits / total_chars:.3f} bits/char over {total_chars:,} characters")
+    return 0
+
+
+def sample_main(argv: Sequence[str]) -> int:
+    """``sample --load PATH --prompt TEXT --length N --temperature T --seed S``: a continuation of the prompt."""
+    parser = argparse.ArgumentParser(prog="python -m ignite_tbptt.demo sample", description=sample_main.__doc__)
+    parser.add_argument("--load", required=True, metavar="PATH", help="a model saved by --save")
+    parser.add_argument("--prompt", required=True, help="the text to continue; the state is carried from it")
+    parser.add_argument("--length", type=int, default=200, help="characters to sample")
+    parser.add_argument("--temperature", type=float, default=1.0, help="divides the logits; lower is more conservative")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
+    parser.add_argument("--skip-unknown", action="store_true", help="leave out prompt characters outside the vocabulary")
+    args = parser.parse_args(argv)
+    model, vocab = load_model(args.load)
+    print(sample(model, vocab, args.prompt, args.length, args.temperature, args.seed, args.skip_unknown))
+    return 0
+
+
+#: The subcommands; without one, the command line trains (the Quickstart's command).
+COMMANDS = {"score": score_main, "sample": sample_main}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        try:
+            return COMMANDS[argv[0]](argv[1:])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     args = parse_args(argv)
     try:
         corpus = encode(load_documents(args.text))

@@ -201,6 +201,7 @@ class RecomputeWindow:
         self.factors.clear()
         self.calls: List[int] = []  # where the forward pass cut the steps a window may still re-run into calls
         self.state_at, self.hidden = 0, None
+        self.end_hidden: Optional[Hidden] = None  # the state after the last step run
 
     def forward(self, chunk: Chunk, later_starts: List[int], x: torch.Tensor, gates: List[Gate]) -> Any:
         """Run the window of ``chunk`` forward; return the predictions over the chunk."""
@@ -230,6 +231,7 @@ class RecomputeWindow:
                 outputs.append(y_pred)
             if b == next_start:
                 self.state_at, self.hidden = b, hidden  # kept with its graph; detached where a window starts
+        self.end_hidden = hidden
         self.inputs.drop_before(next_start)
         self.gates.drop_before(next_start)
         self.factors = {j: f for j, f in self.factors.items() if j > next_start}
@@ -250,10 +252,12 @@ class RecomputeWindow:
             "gates": self.gates.state_dict(),
             "factors": dict(self.factors),
             "calls": list(self.calls),
+            "end_hidden": detached(self.end_hidden),
         }
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
         self.state_at, self.hidden = saved["state_at"], saved["hidden"]
+        self.end_hidden = saved.get("end_hidden")
         self.inputs.load_state_dict(saved["inputs"])
         self.gates.load_state_dict(saved["gates"])
         self.factors = dict(saved.get("factors", {}))
@@ -441,6 +445,11 @@ class RetainWindow:
         while self.segments and self.segments[0].start < keep_from:
             self.segments.popleft()
         self.gates.drop_before(keep_from)
+
+    @property
+    def end_hidden(self) -> Optional[Hidden]:
+        """The state after the last step run."""
+        return self.hidden
 
     def _run_segment(
         self, a: int, b: int, x: torch.Tensor, h_in: Optional[Hidden], params: Optional[Params], outputs: List[Any]
