@@ -1,5 +1,6 @@
 """Truncated backpropagation through time, TBPTT(k1, k2), for PyTorch-Ignite."""
 
+from ignite_tbptt.adaptive import AdaptiveK2
 from ignite_tbptt.checks import check_state_passing
 from ignite_tbptt.data import StreamBatches
 from ignite_tbptt.evaluator import create_supervised_tbptt_evaluator, supervised_tbptt_evaluation_step
@@ -10,6 +11,7 @@ from ignite_tbptt.schedule import ARTBP, Chunk, RandomLength
 from ignite_tbptt.trainer import create_supervised_tbptt_trainer, reset_state, supervised_tbptt_training_step
 
 __all__ = [
+    "AdaptiveK2",
     "ARTBP",
     "check_state_passing",
     "Chunk",

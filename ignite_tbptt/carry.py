@@ -14,8 +14,7 @@ from ignite.engine import DeterministicEngine, Engine, Events
 from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from ignite_tbptt.batches import batch_size_of
-from ignite_tbptt.schedule import Truncations
-from ignite_tbptt.window import detached
+from ignite_tbptt.schedule import Reach, Truncations
 from ignite_tbptt.sequences import BurnIn, SequenceInfo, burn_in_marks
 from ignite_tbptt.events import as_ours, register_tbptt_events
 
@@ -65,7 +64,7 @@ class CarriedState:
         >>> torch.allclose(evaluator.carried_state.hidden, rnn(x)[1])
         True
         """
-        return detached(self.window.end_hidden)
+        return self.window.state_at_stop()
 
     def reset(self, data_position: Optional[int] = None) -> None:
         """Forget the carried state: the next batch starts a fresh stream.
@@ -78,6 +77,7 @@ class CarriedState:
         self.data_position = data_position  # where the data's next batch must start, if its batches say
         self.burn: Optional[BurnIn] = None  # each sample's burn-in so far (None: a fresh stream)
         self.truncations: Optional[Truncations] = None  # random truncations so far (k2=ARTBP; None: a fresh stream)
+        self.reach: Optional[Reach] = None  # what the previous batch provided for this one's windows (k2=AdaptiveK2)
 
     def mark_burn_in(self, info: Optional[SequenceInfo], length: int) -> Optional[SequenceInfo]:
         """The batch's sequence information with its burn-in steps and cuts (``burn_in > 0``), carried on."""
@@ -142,6 +142,7 @@ class CarriedState:
             "position": self.position, "batch_size": self.batch_size, "data_position": self.data_position,
             "burn_in": None if self.burn is None else tuple(self.burn), "window": self.window.state_dict(),
             "truncations": None if self.truncations is None else tuple(self.truncations),
+            "reach": None if self.reach is None else tuple(self.reach),
         }
 
     def load_state_dict(self, saved: Optional[Dict[str, Any]]) -> None:
@@ -152,6 +153,7 @@ class CarriedState:
             self.burn = None if saved.get("burn_in") is None else BurnIn(*saved["burn_in"])
             truncations = saved.get("truncations")
             self.truncations = None if truncations is None else Truncations(truncations[0], tuple(truncations[1]))
+            self.reach = None if saved.get("reach") is None else Reach(*saved["reach"])
             self.window.load_state_dict(saved["window"])
 
 

@@ -22,8 +22,9 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
-    "ARTBP", "Chunk", "RandomLength", "Truncations", "batch_plan", "check_positive_int", "check_steps", "checkpoint_cuts",
-    "cross_boundary", "plan_chunks", "later_window_starts", "segment_spans", "truncate", "window_starts_after",
+    "ARTBP", "Chunk", "RandomLength", "Reach", "Truncations", "adaptive_plan", "batch_plan", "check_positive_int",
+    "check_steps", "checkpoint_cuts", "cross_boundary", "plan_chunks", "later_window_starts", "segment_spans", "truncate",
+    "window_starts_after",
 ]
 
 
@@ -391,6 +392,63 @@ def _fixed_window_plan(
             ahead += 1
             starts.append(stop + sum(tbtt_step.peek(ahead)))
     return chunks, lambda c: window_starts_after(c, starts, overlap)
+
+
+class Reach(NamedTuple):
+    """How far the windows of a batch reach back under a window that changes between batches (``AdaptiveK2``).
+
+    ``overlap``: the steps before its chunk that every window of the batch reaches back at least (``k2 - k1``);
+    ``next_overlap``: the next batch's, known when this batch is planned; ``floor``: the earliest position a window
+    of this batch may start at, where the previous batch kept what its windows need (0 for a fresh stream).
+    """
+
+    overlap: int
+    next_overlap: int
+    floor: int = 0
+
+
+def adaptive_plan(
+    length: int, offset: int, tbtt_step: Steps, reach: Reach, stream: bool
+) -> Tuple[List[Chunk], Callable[[Chunk], List[int]], int]:
+    """The chunks of a batch whose window changes between batches, their later window starts, and the floor of the
+    next batch (the earliest position its windows may start at: what this batch's plan keeps for them).
+
+    A window changes only at a batch boundary, and the plan of a batch provides for the next batch's windows, so
+    both overlaps are known here. Chunk ``c`` starting at ``s`` gets the window start
+
+        ``w = max(floor, min(s - overlap, ahead))``,  ``ahead = max(offset, stop - next_overlap)`` (``stream``)
+
+    clipped at 0: every window reaches back at least ``overlap`` steps (down to ``floor``), and where the next batch
+    reaches further back, the last chunks of this batch start their windows no later than its first does. So window
+    starts never decrease from one update to the next, as under a fixed ``k2``, and both overlap modes keep one
+    stream of states or graphs. ``ahead`` never reaches before this batch: the next batch's windows stop at its
+    start (``floor``), so a window reaches back at most one batch before its own.
+
+    >>> chunks, later, floor = adaptive_plan(8, 8, 2, Reach(overlap=1, next_overlap=5, floor=7), stream=True)
+    >>> [(c.start, c.window_start) for c in chunks], [later(c) for c in chunks], floor
+    ([(8, 7), (10, 9), (12, 11), (14, 11)], [[9], [11], [11, 13], [11, 13, 15]], 11)
+    """
+    chunks = _fixed_window_plan(length, offset, tbtt_step, bptt_of(tbtt_step), stream=False)[0]
+    stop = offset + length
+    ahead = max(offset, stop - reach.next_overlap) if stream else stop
+    chunks = [c._replace(window_start=max(0, reach.floor, min(c.start - reach.overlap, ahead))) for c in chunks]
+    future = [(c.start, c.window_start) for c in chunks[1:]]
+    next_floor = max(0, ahead)
+    if stream:  # the next batch's chunks whose windows reach back into this one
+        future += [(s, max(next_floor, s - reach.next_overlap)) for s in _starts_after(stop, tbtt_step, reach.next_overlap)]
+    return chunks, lambda c: sorted({w for s, w in future if s > c.start and w < c.stop}), next_floor
+
+
+def _starts_after(stop: int, tbtt_step: Steps, overlap: int) -> List[int]:
+    """The starts of the next batch's chunks, from ``stop``, up to the last whose window of ``overlap`` steps
+    reaches back before ``stop`` (random lengths drawn ahead, as :func:`_fixed_window_plan` does)."""
+    if not isinstance(tbtt_step, RandomLength):
+        return list(range(stop, stop + overlap, tbtt_step))
+    starts, ahead = [stop], 0
+    while starts[-1] < stop + overlap:
+        ahead += 1
+        starts.append(stop + sum(tbtt_step.peek(ahead)))
+    return starts[:-1] if len(starts) > 1 else []
 
 
 def segment_spans(start: int, stop: int, cuts: Iterable[int]) -> List[Tuple[int, int]]:

@@ -13,6 +13,7 @@ import torch
 from ignite.engine import Engine, Events, _prepare_batch
 from torch import nn
 
+from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
 from ignite_tbptt.batches import batch_chunks, batch_size_of, chunk_sequence, split_batch
 from ignite_tbptt.checks import check_state_passing
@@ -22,7 +23,7 @@ from ignite_tbptt.carry import (
 from ignite_tbptt.distributed import average_gradients, is_ddp
 from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk, stop_requested
 from ignite_tbptt.schedule import (
-    ARTBP, Chunk, RandomLength, Steps, Window, batch_plan, bptt_of, check_positive_int, check_steps,
+    ARTBP, Chunk, RandomLength, Reach, Steps, Window, adaptive_plan, batch_plan, bptt_of, check_positive_int, check_steps,
 )
 from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 OVERLAP_MODES = {"recompute": RecomputeWindow, "retain": RetainWindow}
+#: The ``engine.state`` attribute holding the current batch's backprop window in steps (``None`` under ``ARTBP``).
+K2_ATTR = "k2"
+#: The ``engine.state`` attribute holding the latest update's state-gradient norms (``monitor_state_grads=True``).
+STATE_GRAD_NORMS_ATTR = "state_grad_norms"
 
 def _detach_hidden(hidden: Any) -> Any:
     """Cut a hidden state (a tensor, or tuples, lists, dicts and namedtuples of tensors) from its graph.
@@ -63,7 +68,7 @@ def supervised_tbptt_training_step(
     optimizer: torch.optim.Optimizer,
     loss_fn: Union[Callable, nn.Module],
     tbtt_step: Steps,
-    k2: Optional[Window] = None,
+    k2: Optional[Union[Window, AdaptiveK2]] = None,
     overlap: str = "recompute",
     dim: int = 0,
     device: Optional[Union[str, torch.device]] = None,
@@ -83,6 +88,7 @@ def supervised_tbptt_training_step(
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
     merge_calls: bool = False,
+    monitor_state_grads: bool = False,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
 
@@ -108,7 +114,8 @@ def supervised_tbptt_training_step(
     # The trainer's own draws: the user's RandomLength or ARTBP stays a description, and two trainers never share one.
     lengths = copy.deepcopy(tbtt_step) if isinstance(tbtt_step, RandomLength) else None
     artbp = copy.deepcopy(k2) if isinstance(k2, ARTBP) else None
-    check_steps(bptt, k2 if artbp is None else bptt)
+    adaptive = copy.deepcopy(k2) if isinstance(k2, AdaptiveK2) else None
+    check_steps(bptt, k2 if artbp is None and adaptive is None else bptt)
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"overlap must be one of {sorted(OVERLAP_MODES)}, got {overlap!r}")
     if isinstance(dim, bool) or not isinstance(dim, int):
@@ -119,9 +126,9 @@ def supervised_tbptt_training_step(
         check_positive_int("checkpoint_every", checkpoint_every)
     if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
-    if is_ddp(model) and overlap == "retain" and (artbp is not None or k2 > bptt):
+    if is_ddp(model) and overlap == "retain" and (artbp is not None or adaptive is not None or k2 > bptt):
         raise ValueError(
-            'overlap="retain" with k2 > tbtt_step or k2=ARTBP(...) backpropagates each forward pass in several backward calls, '
+            'overlap="retain" with k2 > tbtt_step, k2=ARTBP(...) or k2=AdaptiveK2(...) backpropagates each forward pass in several backward calls, '
             "which DistributedDataParallel cannot reduce; pass the plain model (the trainer then averages the "
             'gradients across processes itself) or use overlap="recompute"'
         )
@@ -133,8 +140,14 @@ def supervised_tbptt_training_step(
     detach = lambda hidden: _detach_hidden(hidden)  # noqa: E731
     if merge_calls and overlap != "recompute":
         raise ValueError('merge_calls=True applies to overlap="recompute" only: retain runs every step once')
+    if monitor_state_grads and overlap != "retain":
+        raise ValueError(
+            'monitor_state_grads=True needs overlap="retain", whose backward pass computes the state gradient at '
+            "every chunk boundary anyway; recompute backpropagates each window in one call and would need a hook "
+            "at every boundary (see docs/guide/choosing-k2.md)"
+        )
     window = (RecomputeWindow(model, model_fn, detach, dim, state, checkpoint_every, merge_calls) if overlap == "recompute"
-              else RetainWindow(model, model_fn, detach, dim, state, checkpoint_every))
+              else RetainWindow(model, model_fn, detach, dim, state, checkpoint_every, monitor_state_grads))
     stream = CarriedState(window, carry_state, burn_in)
     keep_predictions = output_transform is not _default_output_transform
     group_weight = 0  # loss terms the current accumulation group backpropagated (0: nothing yet)
@@ -241,6 +254,9 @@ def supervised_tbptt_training_step(
                 state.check(window.hidden, batch_size_of(x_t, dim))
             loss = loss_fn(*masked_pair(y_pred, y_t, valid, dim)) if weight else None
         backward(loss, weight, chunk.length)
+        if monitor_state_grads:
+            norms = window.state_grad_norms
+            setattr(engine.state, STATE_GRAD_NORMS_ATTR, norms if norms is not None else x_t.new_zeros(0, dtype=torch.float))
         if count % accumulate == 0:
             optimizer_step(engine, distributed)
         engine.state.output = loss.detach() if loss is not None else torch.zeros((), device=x_t.device)
@@ -253,6 +269,36 @@ def supervised_tbptt_training_step(
     unchecked = check_state  # the state-passing check runs on the first batch longer than one chunk
     tally = BurnInTally(burn_in) if burn_in else None
 
+    def adapted_reach(engine: Engine, x: Any, y: Any, offset: int) -> Reach:
+        """Re-estimate ``K`` where due, on this batch from the carried state; the reach of this batch's windows.
+
+        The new ``K`` sets the next batch's windows, which this batch's plan provides for; this batch keeps the
+        overlap the previous batch provided for, unless it starts a fresh stream (nothing was provided for).
+        """
+        updates = getattr(engine.state, TIME_ITERATION_ATTR, 0)
+        if adaptive.due(updates):
+            x_t, y_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)
+            hidden = stream.window.state_at_stop() if offset else None
+            adaptive.estimate(model, x_t, y_t, loss_fn, updates, tbtt_step=bptt, model_fn=model_fn, dim=dim,
+                              hidden_batch_dim=hidden_batch_dim, hidden=hidden, reset_hidden=reset_hidden)
+        overlap = adaptive.K - 1
+        provided = stream.reach if offset else None
+        return Reach(overlap, overlap) if provided is None else provided._replace(next_overlap=overlap)
+
+    def plan(engine: Engine, x: Any, y: Any, length: int, offset: int) -> Tuple[List[Chunk], Callable[[Chunk], List[int]]]:
+        """The batch's chunks and their later window starts; the window in steps to ``engine.state.k2``."""
+        if adaptive is None:
+            chunks, later_of, stream.truncations = batch_plan(
+                length, offset, lengths or tbtt_step, artbp or k2, stream.carry, stream.truncations
+            )
+            setattr(engine.state, K2_ATTR, None if artbp is not None else k2)
+            return chunks, later_of
+        reach = adapted_reach(engine, x, y, offset)
+        chunks, later_of, floor = adaptive_plan(length, offset, lengths or tbtt_step, reach, stream.carry)
+        stream.reach = Reach(reach.next_overlap, reach.next_overlap, floor)  # what the next batch's windows may use
+        setattr(engine.state, K2_ATTR, bptt + reach.overlap)
+        return chunks, later_of
+
     def update(engine: Engine, batch: Any) -> Any:
         nonlocal unchecked
         x, y, info, length = split_batch(batch, dim)
@@ -263,9 +309,7 @@ def supervised_tbptt_training_step(
             unchecked = False
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         info = stream.mark_burn_in(info, length)
-        chunks, later_of, stream.truncations = batch_plan(
-            length, offset, lengths or tbtt_step, artbp or k2, stream.carry, stream.truncations
-        )
+        chunks, later_of = plan(engine, x, y, length, offset)
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
         model.train()
         total, total_weight, predictions, done = None, 0, [], 0
@@ -299,9 +343,20 @@ def supervised_tbptt_training_step(
 
     update.carried_state = stream  # type: ignore[attr-defined]
     update.burn_in_tally = tally  # type: ignore[attr-defined]
-    draws = {CHUNK_LENGTHS_KEY: lengths, TRUNCATION_DRAWS_KEY: artbp}
+    update.adaptive_k2 = adaptive  # type: ignore[attr-defined]
+    draws = {CHUNK_LENGTHS_KEY: lengths, TRUNCATION_DRAWS_KEY: artbp, ADAPTIVE_K2_KEY: adaptive}
     update.draws = {key: d for key, d in draws.items() if d is not None}  # type: ignore[attr-defined]
     return update
+
+
+def initial_k2(tbtt_step: Steps, k2: Optional[Union[Window, AdaptiveK2]], adaptive: Optional[AdaptiveK2]) -> Optional[int]:
+    """``engine.state.k2`` before the first batch: the fixed window, an ``AdaptiveK2``'s ``initial`` window (``None``
+    until its first estimate where it has none), ``None`` under ``ARTBP`` (random windows, counted in
+    ``engine.state.window_lengths``)."""
+    bptt = bptt_of(tbtt_step)
+    if adaptive is not None:
+        return None if adaptive.K is None else bptt + adaptive.K - 1
+    return None if isinstance(k2, ARTBP) else (bptt if k2 is None else k2)
 
 
 def create_supervised_tbptt_trainer(
@@ -313,7 +368,7 @@ def create_supervised_tbptt_trainer(
     device: Optional[Union[str, torch.device]] = None,
     non_blocking: bool = False,
     prepare_batch: Callable = _prepare_batch,
-    k2: Optional[Window] = None,
+    k2: Optional[Union[Window, AdaptiveK2]] = None,
     overlap: str = "recompute",
     model_fn: Callable = default_model_fn,
     output_transform: Callable = _default_output_transform,
@@ -330,6 +385,7 @@ def create_supervised_tbptt_trainer(
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
     merge_calls: bool = False,
+    monitor_state_grads: bool = False,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
 
@@ -384,7 +440,11 @@ def create_supervised_tbptt_trainer(
             ``bptt``), and ``k2 - bptt`` is then the fixed overlap before every chunk. Or
             :class:`~ignite_tbptt.schedule.ARTBP`: random truncation at chunk boundaries with compensation factors,
             whose expected gradient is the gradient through the whole stream (docs/contract.md, "Unbiased truncation"); its
-            draws are part of ``state_dict()`` and ``engine.state.window_lengths`` counts the windows.
+            draws are part of ``state_dict()`` and ``engine.state.window_lengths`` counts the windows. Or
+            :class:`~ignite_tbptt.adaptive.AdaptiveK2`: a window re-estimated from the gradient's measured decay every
+            ``every`` updates, ``k2 = k1 + K - 1`` with ``K`` the truncation whose bias bound is within ``delta``
+            (its window and estimates are part of ``state_dict()``; ``trainer.adaptive_k2`` is the trainer's copy).
+            ``engine.state.k2`` is the current batch's window in steps (``None`` under ``ARTBP``).
         overlap: ``"recompute"`` or ``"retain"``: how the ``k2 - k1`` overlap steps are differentiated.
         model_fn: ``model_fn(model, x, hidden) -> (y_pred, hidden)``.
         output_transform: ``output_transform(x, y, y_pred, loss)`` gives ``engine.state.output`` per batch.
@@ -429,6 +489,13 @@ def create_supervised_tbptt_trainer(
             window starts). Only for a model whose output does not depend on where the stream is cut into calls
             (``nn.RNN``/``GRU``/``LSTM`` and their cells do not; a Transformer-XL memory does): the gradient is
             then the same, and fused kernels at small ``k1`` run faster.
+        monitor_state_grads: with ``overlap="retain"``, after every update ``engine.state.state_grad_norms`` is a
+            1-D tensor on the model's device: entry ``j`` the norm (over the batch and the state's floating leaves)
+            of the update's state gradient at the start of the chunk ``j`` chunks back, ``j = 0`` the update's own
+            chunk, down to the window start (held constant: its entry is the gradient the truncation drops). The
+            backward pass computes these gradients anyway; the norms cost one small reduction per boundary and no
+            host read (empty where the update chained through no boundary). For Ignite's loggers:
+            ``OutputHandler(tag, state_attributes=["state_grad_norms"])``.
 
     Returns:
         an Ignite ``Engine`` with :class:`Tbptt_Events` registered.
@@ -456,8 +523,11 @@ def create_supervised_tbptt_trainer(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
         hidden_batch_dim, checkpoint_every, skip_nonfinite, check_state, burn_in, reset_hidden, merge_calls,
+        monitor_state_grads,
     )
     engine = tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
+    adaptive = engine.adaptive_k2 = step.adaptive_k2  # type: ignore[attr-defined]
+    setattr(engine.state, K2_ATTR, initial_k2(tbtt_step, k2, adaptive))
     if skip_nonfinite:
         count_skipped_updates(engine)
     if isinstance(k2, ARTBP):

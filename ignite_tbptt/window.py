@@ -201,7 +201,6 @@ class RecomputeWindow:
         self.factors.clear()
         self.calls: List[int] = []  # where the forward pass cut the steps a window may still re-run into calls
         self.state_at, self.hidden = 0, None
-        self.end_hidden: Optional[Hidden] = None  # the state after the last step run
 
     def forward(self, chunk: Chunk, later_starts: List[int], x: torch.Tensor, gates: List[Gate]) -> Any:
         """Run the window of ``chunk`` forward; return the predictions over the chunk."""
@@ -231,7 +230,6 @@ class RecomputeWindow:
                 outputs.append(y_pred)
             if b == next_start:
                 self.state_at, self.hidden = b, hidden  # kept with its graph; detached where a window starts
-        self.end_hidden = hidden
         self.inputs.drop_before(next_start)
         self.gates.drop_before(next_start)
         self.factors = {j: f for j, f in self.factors.items() if j > next_start}
@@ -243,6 +241,21 @@ class RecomputeWindow:
         if loss is not None:
             loss.backward()
 
+    def state_at_stop(self) -> Optional[Hidden]:
+        """The state after the last step run forward, cut from its graph (``None`` on a fresh stream).
+
+        The window keeps the state at the next window start; where that lies before the last step, the kept
+        inputs run on from it, under ``torch.no_grad()``, in the calls the forward pass made.
+        """
+        hidden = None if self.hidden is None else self.detach(self.hidden)
+        stop = self.inputs.chunks[-1][1] if self.inputs.chunks else self.state_at
+        if stop > self.state_at:
+            with torch.no_grad():
+                cuts = [*self.calls, *self.gates.cuts(self.state_at, stop)]
+                for a, b in segment_spans(self.state_at, stop, cuts):
+                    hidden = run_span(self.gates, self._call, self.inputs.over(a, b), hidden, a, False)[1]
+        return detached(hidden)
+
     def state_dict(self) -> Dict[str, Any]:
         """The kept state, inputs and gates, cut from any graph: enough to continue the stream exactly."""
         return {
@@ -252,12 +265,10 @@ class RecomputeWindow:
             "gates": self.gates.state_dict(),
             "factors": dict(self.factors),
             "calls": list(self.calls),
-            "end_hidden": detached(self.end_hidden),
         }
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
         self.state_at, self.hidden = saved["state_at"], saved["hidden"]
-        self.end_hidden = saved.get("end_hidden")
         self.inputs.load_state_dict(saved["inputs"])
         self.gates.load_state_dict(saved["gates"])
         self.factors = dict(saved.get("factors", {}))
@@ -272,7 +283,7 @@ class _Segment(NamedTuple):
     the parameter clones it keeps (only under activation checkpointing, whose re-runs read them; else the graph
     keeps what it saved, and nothing more), the floating tensors of both states, flattened once here rather
     than by every window that chains through it, and the compensation (ARTBP) by which the state gradient is
-    multiplied on its way out of the segment's start into the segment before."""
+    multiplied on its way out of the segment's start into the segment before, and whether a chunk starts there."""
 
     start: int
     stop: int
@@ -283,6 +294,7 @@ class _Segment(NamedTuple):
     in_leaves: List[torch.Tensor]
     out_leaves: List[torch.Tensor]
     factor: float = 1.0
+    opens_chunk: bool = False  # it starts where a chunk starts: a boundary the monitor reports
 
 
 def _grad_leaf(hidden: Optional[Hidden], detach: Callable) -> Optional[Hidden]:
@@ -369,7 +381,9 @@ class RetainWindow:
     loss, then walks the segments of its window backwards, feeding each segment's input-state gradient into
     the output state of the segment before.
 
-    Args: as :class:`RecomputeWindow`; ``model`` must be an ``nn.Module``.
+    Args: as :class:`RecomputeWindow`; ``model`` must be an ``nn.Module``. ``monitor``: after every backward pass
+    that chains through the window, ``state_grad_norms`` holds the norm of the state gradient at every chunk
+    start the pass reached (:meth:`_chain_state_grads`), at no extra backward work.
 
     Example:
         >>> import torch
@@ -385,12 +399,13 @@ class RetainWindow:
 
     def __init__(
         self, model: nn.Module, model_fn: ModelFn, detach: Callable, dim: int, state: Optional[StateProtocol] = None,
-        checkpoint_every: Optional[int] = None,
+        checkpoint_every: Optional[int] = None, monitor: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f'overlap="retain" needs an nn.Module model, got {type(model).__name__}')
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.monitor = checkpoint_every, monitor
+        self.state_grad_norms: Optional[torch.Tensor] = None  # with monitor: the latest update's, newest first
         self.call = _ModelFnCall(model, model_fn)
         self.gates = GateTrack(state or StateProtocol())
         self.segments: Deque[_Segment] = deque()
@@ -419,8 +434,8 @@ class RetainWindow:
             else:
                 h_in = None if self.hidden is None else self.detach(self.hidden)
             segment = self._run_segment(a, b, x.narrow(self.dim, a - chunk.start, b - a), h_in, params, outputs)
-            if a == chunk.start and chunk.factor != 1.0:
-                segment = segment._replace(factor=chunk.factor)
+            if a == chunk.start:
+                segment = segment._replace(factor=chunk.factor, opens_chunk=True)
             segments.append(segment)
             self.hidden = segment.h_out
         self.segments.extend(segments)
@@ -437,6 +452,8 @@ class RetainWindow:
     def backward(self, loss: Optional[torch.Tensor]) -> None:
         """Backpropagate the chunk's (scaled) loss through its window, then forget what no window needs."""
         window_start, retain, chained, keep_from = self.pending
+        if self.monitor:
+            self.state_grad_norms = None
         if loss is not None:
             with keeping_compiled_graphs():  # a compiled backward may be compiled on its first call
                 loss.backward(retain_graph=retain)
@@ -445,11 +462,6 @@ class RetainWindow:
         while self.segments and self.segments[0].start < keep_from:
             self.segments.popleft()
         self.gates.drop_before(keep_from)
-
-    @property
-    def end_hidden(self) -> Optional[Hidden]:
-        """The state after the last step run."""
-        return self.hidden
 
     def _run_segment(
         self, a: int, b: int, x: torch.Tensor, h_in: Optional[Hidden], params: Optional[Params], outputs: List[Any]
@@ -491,12 +503,18 @@ class RetainWindow:
 
         A window start that falls inside a segment (only where a stream leaves the k1 grid) is rounded up
         to that segment's end.
+
+        With ``monitor``, the state gradient each segment that opens a chunk collected (the window start's too,
+        held constant and dropped) is measured on the way: ``state_grad_norms[j]``, the norm over the batch and
+        every floating leaf of the state, at the ``j``-th chunk start back from the update's chunk (``j = 0``: its
+        own start). The norms stay on the device, one small reduction per boundary and no host read.
         """
         in_window = [s for s in self.segments if s.start >= window_start]
+        norms: List[torch.Tensor] = []
         for seg, prev in zip(in_window[:0:-1], in_window[-2::-1]):
             pairs = [
                 (out, grad if seg.factor == 1.0 else grad * seg.factor)
-                for out, grad in zip(prev.out_leaves, _take_state_grad(seg.in_leaves))
+                for out, grad in zip(prev.out_leaves, self._take_state_grad(seg, norms))
                 if grad is not None and out.requires_grad
             ]
             if not pairs:  # nothing reached this segment's input (it ran without a graph: burn-in or padding for
@@ -504,7 +522,17 @@ class RetainWindow:
             outs, grads = zip(*pairs)
             torch.autograd.backward(list(outs), list(grads), retain_graph=retain)
         for seg in in_window[:1]:
-            _take_state_grad(seg.in_leaves)  # the window start is held constant: drop what it collected
+            self._take_state_grad(seg, norms)  # the window start is held constant: drop what it collected
+        if self.monitor and norms:
+            self.state_grad_norms = torch.stack(norms)
+
+    def _take_state_grad(self, seg: _Segment, norms: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """The state gradient ``seg`` collected (cleared), its norm appended to ``norms`` where monitored."""
+        grads = _take_state_grad(seg.in_leaves)
+        present = [g for g in grads if g is not None]
+        if self.monitor and seg.opens_chunk and present:
+            norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present])))
+        return grads
 
     def state_dict(self) -> Dict[str, Any]:
         """The retained segments as inputs, input states and what their graphs saved (graphs cannot be saved).
@@ -527,7 +555,8 @@ class RetainWindow:
             else:
                 saved = [detached(t) for _, t in saved_tensors(seg.out_leaves)]
             segments.append((seg.start, seg.stop, detached(seg.h_in), seg.x.clone(), version, saved, seg.factor))
-        return {"hidden": detached(self.hidden), "segments": segments, "versions": versions, "gates": self.gates.state_dict()}
+        return {"hidden": detached(self.hidden), "segments": segments, "versions": versions, "gates": self.gates.state_dict(),
+                "chunk_starts": [seg.start for seg in self.segments if seg.opens_chunk]}
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
         self.reset()
@@ -535,13 +564,18 @@ class RetainWindow:
         live = dict(self.call.named_parameters())
         # Old values, with the gradient flowing into the live parameters as it would through a clone.
         versions = [{n: v + (live[n] - live[n].detach()) for n, v in version.items()} for version in saved["versions"]]
+        chunk_starts = set(saved.get("chunk_starts", ()))
         for start, stop, h_in, x, version, tensors, factor in saved["segments"]:
             params = self._clones(from_state=h_in is not None) if version is None else versions[version]
             segment = self._run_segment(start, stop, x, _grad_leaf(h_in, self.detach), params, [])
             if tensors is not None:
                 restore_saved_tensors(segment.out_leaves, tensors)
-            self.segments.append(segment._replace(factor=factor))
+            self.segments.append(segment._replace(factor=factor, opens_chunk=start in chunk_starts))
         self.hidden = saved["hidden"]
+
+    def state_at_stop(self) -> Optional[Hidden]:
+        """The state after the last step run forward, cut from its graph (``None`` on a fresh stream)."""
+        return None if self.hidden is None else detached(self.hidden)
 
 
 def _saved_clones(params: Params, segments: List[_Segment]) -> List[str]:

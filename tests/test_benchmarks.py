@@ -26,6 +26,7 @@ bench_stream = load("bench_stream")
 bench_compile = load("bench_compile")
 bench_burn_in = load("bench_burn_in")
 bench_artbp = load("bench_artbp")
+bench_adaptive = load("bench_adaptive")
 import bench_common as bc  # noqa: E402
 
 
@@ -145,4 +146,12 @@ def test_artbp_benchmark_quick_run(capsys):
     bench_artbp.main(["--quick", "--sections", "speed", "noise"])
     out = capsys.readouterr().out
     for line in ("| hand-written ARTBP loop (recompute) |", "| ignite_tbptt ARTBP, retain |", "ARTBP's gradient over its draws"):
+        assert line in out, out
+
+
+def test_adaptive_benchmark_quick_run(capsys):
+    bench_adaptive.main(["--quick"])
+    out = capsys.readouterr().out
+    for line in ("| one estimate (beta = ", "| retain, monitor_state_grads=True |", "| AdaptiveK2(0.1) |",
+                 "The K of each estimate of the adaptive runs: seed 0: "):
         assert line in out, out

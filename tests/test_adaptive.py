@@ -1,0 +1,310 @@
+"""``k2=AdaptiveK2(delta, ...)`` and retain's state-gradient monitor (issue 23): the window the trainer adapts to is
+``gradient_horizon``'s suggestion on the batches it saw, its updates are the step-by-step reference's with those
+windows, it is reported in ``engine.state.k2``, saved and resumed; the monitor's norms are the state gradients an
+independent autograd run computes."""
+
+import math
+
+import pytest
+import torch
+from ignite.engine import Events
+from ignite.handlers import Checkpoint, DiskSaver
+from torch import nn
+
+from ignite_tbptt import AdaptiveK2, ARTBP, RandomLength, Tbptt_Events, create_supervised_tbptt_trainer, gradient_horizon
+from tests.models import make_data, make_model
+from tests.reference import reference_trajectory
+from tests.test_k1k2 import LR, assert_same_trajectory
+
+MODES = ["recompute", "retain"]
+K1, LENGTH, BATCHES = 3, 12, 4  # four batches of 12 steps of one carried stream, chunks of 3: 4 updates a batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def stream_batches(seed=1):
+    x, y = make_data(LENGTH * BATCHES, seed=seed)
+    return x, y, [(x[i:i + LENGTH], y[i:i + LENGTH]) for i in range(0, LENGTH * BATCHES, LENGTH)]
+
+
+def train(model, batches, k2, overlap, lr=LR, **options):
+    """The trainer's parameters after every update, its windows, and the trainer."""
+    trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=lr), nn.MSELoss(),
+                                              tbtt_step=K1, k2=k2, overlap=overlap, carry_state=True, **options)
+    record = {"params": [], "windows": [], "k2": []}
+
+    @trainer.on(Tbptt_Events.TIME_ITERATION_COMPLETED)
+    def keep(engine):
+        record["params"].append({n: p.detach().clone() for n, p in model.named_parameters()})
+        record["windows"].append(engine.state.chunk.window_start)
+        record["k2"].append(engine.state.k2)
+
+    trainer.run(batches)
+    return record, trainer
+
+
+def windows_for(Ks, k1=K1, length=LENGTH):
+    """Each update's window start from the K estimated at each batch's start, by the rule of ``adaptive_plan``,
+    written out: batch b keeps the overlap batch b - 1 provided for (its own estimate's at the first batch), and
+    its chunks start their windows no later than the next batch's first window, within this batch."""
+    windows = []
+    for b, K in enumerate(Ks):
+        offset, stop = b * length, (b + 1) * length
+        overlap = (Ks[b - 1] if b else K) - 1
+        floor = 0 if b == 0 else max(offset - length, offset - overlap)
+        ahead = max(offset, stop - (K - 1))
+        windows += [max(0, floor, min(s - overlap, ahead)) for s in range(offset, stop, k1)]
+    return windows
+
+
+# ---- the window is the horizon's suggestion ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlap", MODES)
+def test_the_window_is_the_horizons_suggestion_on_the_batches_seen(overlap):
+    """Learning rate 0: the state the trainer carries into batch b is the model run over the batches before it."""
+    x, y, batches = stream_batches()
+    delta, k_max = 0.05, 9
+    record, trainer = train(make_model("LSTM"), batches, AdaptiveK2(delta, every=1, k_max=k_max, max_lag=8), overlap,
+                            lr=0.0)
+    model, expected = make_model("LSTM"), []
+    for b in range(BATCHES):
+        hidden = None if b == 0 else model(x[:b * LENGTH])[1]
+        horizon = gradient_horizon(model, *batches[b], nn.MSELoss(), max_lag=8, tbtt_step=K1,
+                                   hidden=None if hidden is None else tuple(h.detach() for h in hidden))
+        expected.append(min(k_max, max(1, math.ceil(math.log(delta) / math.log(horizon.decay)))))
+    Ks = [K for _, K, _ in trainer.adaptive_k2.history]
+    assert Ks == expected
+    assert [u for u, _, _ in trainer.adaptive_k2.history] == [0, 4, 8, 12]  # every=1: at every batch's start
+    assert record["windows"] == windows_for(Ks)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Ks chosen by script, in place of the measured ones, to drive the schedule through growth and shrinkage."""
+    def script(Ks):
+        chosen = iter(Ks)
+        monkeypatch.setattr(AdaptiveK2, "choose", lambda self, horizon: next(chosen))
+    return script
+
+
+@pytest.mark.parametrize("overlap", MODES)
+@pytest.mark.parametrize("Ks", [[2, 9, 1, 6], [7, 1, 12, 4], [4, 4, 4, 4]])
+def test_the_updates_are_the_references_with_those_windows(overlap, Ks, scripted):
+    scripted(Ks)
+    x, y, batches = stream_batches()
+    record, trainer = train(make_model("GRU"), batches, AdaptiveK2(0.1, every=4, k_max=12, max_lag=4), overlap)
+    windows = windows_for(Ks)
+    assert record["windows"] == windows
+    for c, w in enumerate(windows):  # every loss term reaches back at least K steps (all K - 1 < LENGTH here)
+        K = Ks[c // 4 - 1] if c >= 4 else Ks[0]
+        assert c * K1 - w + 1 >= min(K, c * K1 + 1)
+    assert windows == sorted(windows)
+    expected = reference_trajectory(make_model("GRU"), x, y, K1, K1, overlap, LR, nn.MSELoss(), windows=windows)
+    assert_same_trajectory(record["params"], expected)
+
+
+@pytest.mark.parametrize("overlap", MODES)
+def test_a_constant_K_trains_as_the_fixed_window(overlap):
+    x, y, batches = stream_batches()
+    adaptive, _ = train(make_model("LSTM"), batches, AdaptiveK2(0.1, every=10**6, k_max=9, initial=6), overlap)
+    fixed, _ = train(make_model("LSTM"), batches, K1 + 6 - 1, overlap)
+    assert adaptive["windows"] == fixed["windows"] and adaptive["k2"] == fixed["k2"] == [8] * 16
+    assert_same_trajectory(adaptive["params"], fixed["params"])
+
+
+def test_random_lengths_take_the_window_too(scripted):
+    scripted([3, 8, 2, 5])
+    _, _, batches = stream_batches()
+    model = make_model("LSTM")
+    trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.MSELoss(),
+                                              tbtt_step=RandomLength(4, min_length=2, std=1.0), carry_state=True,
+                                              k2=AdaptiveK2(0.1, every=1, k_max=12, max_lag=4), overlap="retain")
+    reach = []
+    trainer.add_event_handler(Tbptt_Events.TIME_ITERATION_STARTED,
+                              lambda e: reach.append(e.state.chunk.start - e.state.chunk.window_start))
+    trainer.run(batches)
+    assert all(math.isfinite(float(p.detach().sum())) for p in model.parameters())
+    assert min(reach[1:3]) >= 2  # the first batch's own estimate, K = 3: two steps before each chunk but the first
+
+
+# ---- engine.state.k2 and the state_dict ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k2,expected", [(None, K1), (7, 7), (ARTBP(0.5), None)])
+def test_every_trainer_reports_its_window(k2, expected):
+    _, _, batches = stream_batches()
+    model = make_model("GRU")
+    trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.MSELoss(), K1, k2=k2)
+    assert trainer.state.k2 == expected
+    assert trainer.run(batches[:1]).k2 == expected
+
+
+def test_the_adaptive_window_is_reported_per_batch(scripted):
+    scripted([2, 5, 3, 6])
+    _, _, batches = stream_batches()
+    record, trainer = train(make_model("GRU"), batches, AdaptiveK2(0.1, every=4, k_max=8, max_lag=4), "recompute")
+    # The first batch uses its own estimate (a fresh stream); every later batch the one made at the batch before.
+    assert record["k2"] == [K1 + K - 1 for K in (2, 2, 5, 3) for _ in range(4)]
+    fresh = create_supervised_tbptt_trainer(make_model("GRU"), torch.optim.SGD(make_model("GRU").parameters(), 0.1),
+                                            nn.MSELoss(), K1, k2=AdaptiveK2(0.1, k_max=8))
+    assert fresh.state.k2 is None  # no estimate yet, no initial
+    assert create_supervised_tbptt_trainer(make_model("GRU"), torch.optim.SGD(make_model("GRU").parameters(), 0.1),
+                                           nn.MSELoss(), K1, k2=AdaptiveK2(0.1, k_max=8, initial=4)).state.k2 == 6
+
+
+def test_the_trainer_adapts_its_own_copy():
+    adaptive = AdaptiveK2(0.1, every=2, k_max=8, max_lag=4)
+    _, trainer = train(make_model("GRU"), stream_batches()[2], adaptive, "retain")
+    assert adaptive.K is None and adaptive.history == [] and trainer.adaptive_k2.K is not None
+    assert trainer.state_dict()["tbptt_adaptive_k2"]["K"] == trainer.adaptive_k2.K
+
+
+@pytest.mark.parametrize("overlap", MODES)
+def test_a_resumed_run_continues_with_the_window(overlap, tmp_path, scripted):
+    scripted([2, 7, 3, 5, 8, 2, 6, 4] * 3)
+    _, _, batches = stream_batches(seed=3)
+
+    def run(resume_from=None):
+        model = make_model("LSTM")
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        trainer = create_supervised_tbptt_trainer(model, optimizer, nn.MSELoss(), tbtt_step=K1, overlap=overlap,
+                                                  k2=AdaptiveK2(0.1, every=4, k_max=9, max_lag=4), carry_state=True,
+                                                  deterministic=True)
+        seen = []
+        trainer.add_event_handler(Tbptt_Events.TIME_ITERATION_STARTED,
+                                  lambda e: seen.append((e.state.chunk.window_start, e.state.k2)))
+        to_save = {"model": model, "optimizer": optimizer, "trainer": trainer}
+        if resume_from is None:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                                      Checkpoint(to_save, DiskSaver(str(tmp_path), require_empty=False), n_saved=None))
+        else:
+            Checkpoint.load_objects(to_save, torch.load(resume_from, weights_only=False))
+            assert trainer.adaptive_k2.K == 2  # estimated at batch 6's start, for batch 7
+        trainer.run(batches, max_epochs=2)
+        return seen, {n: p.detach() for n, p in model.named_parameters()}
+
+    whole, whole_params = run()
+    scripted([6, 4] * 3)  # the estimates the resumed run makes: those after the checkpoint
+    resumed, params = run(tmp_path / "checkpoint_6.pt")  # mid-way through epoch 2
+    assert resumed == whole[-len(resumed):]
+    for n in whole_params:
+        torch.testing.assert_close(params[n], whole_params[n], rtol=0, atol=1e-12)
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,kwargs,error,message", [
+    ((0.0,), {"k_max": 5}, ValueError, r"delta, the tolerable relative bias, must be in \(0, 1\), got 0.0"),
+    ((1.5,), {"k_max": 5}, ValueError, r"must be in \(0, 1\), got 1.5"),
+    (("0.1",), {"k_max": 5}, TypeError, r"AdaptiveK2: delta must be a float in \(0, 1\), got str"),
+    ((0.1,), {"k_max": 5, "k_min": 6}, ValueError, r"AdaptiveK2: k_min \(6\) must be <= k_max \(5\)"),
+    ((0.1,), {"k_max": 5, "k_min": 0}, ValueError, r"AdaptiveK2: k_min must be >= 1, got 0"),
+    ((0.1,), {"k_max": 5, "max_lag": 0}, ValueError, r"AdaptiveK2: max_lag must be >= 1, got 0"),
+    ((0.1,), {"k_max": 5.0}, TypeError, r"AdaptiveK2: k_max must be an int, got float"),
+    ((0.1,), {"k_max": 5, "every": True}, TypeError, r"AdaptiveK2: every must be an int, got bool"),
+    ((0.1,), {"k_max": 5, "initial": 7}, ValueError, r"initial \(7\) must lie in \[k_min, k_max\] = \[1, 5\]"),
+    ((0.1,), {}, TypeError, r"k_max"),
+])
+def test_bad_input_is_named(args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        AdaptiveK2(*args, **kwargs)
+
+
+def test_a_first_batch_too_short_to_measure_is_named():
+    model = make_model("GRU")
+    trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), 0.1), nn.MSELoss(), K1,
+                                              k2=AdaptiveK2(0.1, k_max=20))
+    with pytest.raises(ValueError, match=r"first batch has 12 time steps, and measuring lags 0..20 needs max_lag \+ 1 = 21"):
+        trainer.run(stream_batches()[2][:1])
+
+
+def test_no_decay_takes_k_max_with_one_warning():
+    model = LinearRNN()
+    with torch.no_grad():
+        model.A.copy_(1.1 * torch.eye(3, dtype=torch.float64))  # the gradient grows by 1.1 a step back
+    _, _, batches = stream_batches()
+    with pytest.warns(UserWarning, match=r"AdaptiveK2: no geometric decay .*beta = 1.1\). .*K = k_max = 7") as caught:
+        _, trainer = train(model, batches, AdaptiveK2(0.1, every=1, k_max=7, max_lag=6), "retain", lr=0.0)
+    assert [(K, round(beta, 6)) for _, K, beta in trainer.adaptive_k2.history] == [(7, 1.1)] * BATCHES
+    assert sum("no geometric decay" in str(w.message) for w in caught) == 1
+
+
+def test_the_monitor_needs_retain():
+    model = make_model("GRU")
+    with pytest.raises(ValueError, match=r'monitor_state_grads=True needs overlap="retain"'):
+        create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), 0.1), nn.MSELoss(), K1,
+                                        monitor_state_grads=True)
+
+
+# ---- the monitor ---------------------------------------------------------------------------------------------------
+
+
+class LinearRNN(nn.Module):
+    """``h_t = A h_{t-1} + B x_t``, ``y_t = C h_t``."""
+
+    def __init__(self, n_in=2, n_hidden=3, n_out=2):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.A = nn.Parameter(0.6 * torch.randn(n_hidden, n_hidden, generator=g, dtype=torch.float64) / n_hidden ** 0.5)
+        self.B = nn.Parameter(torch.randn(n_hidden, n_in, generator=g, dtype=torch.float64))
+        self.C = nn.Parameter(torch.randn(n_out, n_hidden, generator=g, dtype=torch.float64))
+
+    def forward(self, x, hidden=None):
+        h = x.new_zeros(x.shape[1], self.A.shape[0]) if hidden is None else hidden
+        outs = []
+        for x_t in x.unbind(0):
+            h = h @ self.A.T + x_t @ self.B.T
+            outs.append(h @ self.C.T)
+        return torch.stack(outs), h
+
+
+def state_grad_norms_by_hand(model, x, y, s, t, w, k1):
+    """The norms of d(loss of chunk (s, t]) / d(state at each chunk start in [w, s]), newest first, by autograd
+    through a step-by-step run from the state at ``w`` (the model's at fixed parameters). None where the window is
+    the chunk alone: the trainer then backpropagates no state gradient at all."""
+    if w == s:
+        return torch.zeros(0, dtype=torch.float64)
+    h = model(x[:w])[1].detach() if w else None
+    boundaries, outs = {}, []
+    for i in range(w, t):
+        if i % k1 == 0 and h is not None:
+            h = h.detach().requires_grad_() if i == w else h
+            boundaries[i] = h
+        y_i, h = model(x[i:i + 1], h)
+        if i >= s:
+            outs.append(y_i)
+    loss = nn.functional.mse_loss(torch.cat(outs), y[s:t])
+    positions = sorted(boundaries, reverse=True)
+    if not positions:
+        return torch.zeros(0, dtype=torch.float64)
+    grads = torch.autograd.grad(loss, [boundaries[p] for p in positions])
+    return torch.stack([g.norm() for g in grads])
+
+
+@pytest.mark.parametrize("k2", [3, 5, 9, 10])
+def test_the_monitor_reports_the_state_gradient_at_each_chunk_start(k2):
+    x, y = make_data(15, seed=4)
+    model = LinearRNN()
+    trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), nn.MSELoss(), K1,
+                                              k2=k2, overlap="retain", monitor_state_grads=True)
+    seen = []
+    trainer.add_event_handler(Tbptt_Events.TIME_ITERATION_COMPLETED, lambda e: seen.append(e.state.state_grad_norms))
+    trainer.run([(x, y)])
+    for c, got in enumerate(seen):
+        s, t = c * K1, (c + 1) * K1
+        expected = state_grad_norms_by_hand(model, x, y, s, t, max(0, s - (k2 - K1)), K1)
+        assert got.device == x.device
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14, check_dtype=len(got) > 0, msg=f"update {c}")
+    assert len(seen[-1]) == (1 + (k2 - K1) // K1 if k2 > K1 else 0)
+
+
+@pytest.mark.parametrize("k2", [6, AdaptiveK2(0.1, every=2, k_max=8, max_lag=4)])
+def test_the_monitor_changes_nothing(k2):
+    _, _, batches = stream_batches()
+    plain, _ = train(make_model("LSTM"), batches, k2, "retain")
+    monitored, trainer = train(make_model("LSTM"), batches, k2, "retain", monitor_state_grads=True)
+    for a, b in zip(plain["params"], monitored["params"]):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert trainer.state.state_grad_norms.dim() == 1
