@@ -28,7 +28,7 @@ from ignite_tbptt.schedule import (
 from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
 from ignite_tbptt.updates import (
-    SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, BurnInTally, all_finite, count_skipped_updates, count_window_lengths, found_inf,
+    SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, AccumulationGroup, BurnInTally, all_finite, count_skipped_updates, count_window_lengths, found_inf,
     scaled_learning_rate,
 )
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
@@ -150,21 +150,14 @@ def supervised_tbptt_training_step(
               else RetainWindow(model, model_fn, detach, dim, state, checkpoint_every, monitor_state_grads))
     stream = CarriedState(window, carry_state, burn_in)
     keep_predictions = output_transform is not _default_output_transform
-    group_weight = 0  # loss terms the current accumulation group backpropagated (0: nothing yet)
-    group_lengths: List[int] = []  # the lengths of the group's chunks that backpropagated a loss
-    group_loss_ok: Optional[torch.Tensor] = None  # with skip_nonfinite: whether the group's losses are finite
+    # With a scaler, its own inf check finds a non-finite loss: the group need not track the losses' finiteness.
+    group = AccumulationGroup(accumulate, track_finite=skip_nonfinite and scaler is None)
     warned = False
 
     def backward(loss: Optional[torch.Tensor], weight: int, length: int) -> None:
-        nonlocal group_weight, group_loss_ok
         if loss is not None:
-            group_lengths.append(length)
-            if skip_nonfinite and scaler is None:  # a device tensor, read once per update, not per chunk
-                ok = torch.isfinite(loss.detach())
-                group_loss_ok = ok if group_loss_ok is None else group_loss_ok & ok
-            loss = loss / accumulate if accumulate > 1 else loss
+            loss = group.add(loss, weight, length)
             loss = scaler.scale(loss) if scaler is not None else loss
-            group_weight += weight
         window.backward(loss)
 
     def update_is_finite(engine: Engine, loss_ok: Optional[torch.Tensor], distributed: bool) -> bool:
@@ -191,14 +184,11 @@ def supervised_tbptt_training_step(
             )
 
     def optimizer_step(engine: Engine, distributed: bool) -> None:
-        nonlocal group_weight, group_loss_ok
-        if not (group_weight or distributed):
+        if not (group.weight or distributed):
             return  # nothing was valid: no update (a scaler could not step without gradients either)
-        weight, group_weight = group_weight, 0
-        loss_ok, group_loss_ok = group_loss_ok, None
+        weight, chunk_lengths, loss_ok = group.take()
         # Random lengths: the rate scales by the chunk's length over bptt (the group's mean length), as AWD-LSTM.
-        factor = sum(group_lengths) / (len(group_lengths) * bptt) if lengths is not None and group_lengths else 1.0
-        group_lengths.clear()
+        factor = sum(chunk_lengths) / (len(chunk_lengths) * bptt) if lengths is not None and chunk_lengths else 1.0
         if distributed:
             if loss_ok is not None:  # a non-finite loss on one process makes the average non-finite on all
                 weight = torch.where(loss_ok, float(weight), float("nan"))
@@ -222,9 +212,7 @@ def supervised_tbptt_training_step(
 
     def drop_group() -> None:
         """After a stop inside a batch: the half-accumulated gradient of the steps that ran is never stepped."""
-        nonlocal group_weight, group_loss_ok
-        group_weight, group_loss_ok = 0, None
-        group_lengths.clear()
+        group.take()
         optimizer.zero_grad()
 
     def run_chunk(

@@ -5,13 +5,13 @@ tally that finds an epoch of burn-in only."""
 import collections
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Tuple
 
 import torch
 from ignite.engine import Engine, Events
 
 __all__ = [
-    "SKIPPED_UPDATES_ATTR", "WINDOW_LENGTHS_ATTR", "BurnInTally", "all_finite", "count_skipped_updates", "count_window_lengths",
+    "SKIPPED_UPDATES_ATTR", "WINDOW_LENGTHS_ATTR", "AccumulationGroup", "BurnInTally", "all_finite", "count_skipped_updates", "count_window_lengths",
     "found_inf", "keep_per_run", "scaled_learning_rate",
 ]
 
@@ -109,3 +109,38 @@ class BurnInTally:
                 stacklevel=2,
             )
         self.scored, self.longest = 0, 0
+
+
+class AccumulationGroup:
+    """The chunks whose gradients add up before one optimizer step (``gradient_accumulation_steps``).
+
+    It keeps what the step needs to know of them: how many loss terms they backpropagated (the weight of the
+    update, 0 when nothing was valid), their lengths (random chunk lengths scale the rate by them), and, with
+    ``track_finite``, whether all their losses were finite, as one device tensor read once per update.
+
+    >>> group = AccumulationGroup(accumulate=2, track_finite=True)
+    >>> group.add(torch.tensor(3.0), weight=6, length=2).item()  # the loss divided by the group's size
+    1.5
+    >>> weight, lengths, finite = group.take()
+    >>> weight, lengths, bool(finite), group.weight
+    (6, [2], True, 0)
+    """
+
+    def __init__(self, accumulate: int, track_finite: bool) -> None:
+        self.accumulate, self.track_finite = accumulate, track_finite
+        self.weight, self.lengths, self.finite = 0, [], None
+
+    def add(self, loss: torch.Tensor, weight: int, length: int) -> torch.Tensor:
+        """Count a chunk's loss of ``weight`` terms into the group; the loss to backpropagate."""
+        self.weight += weight
+        self.lengths.append(length)
+        if self.track_finite:
+            ok = torch.isfinite(loss.detach())
+            self.finite = ok if self.finite is None else self.finite & ok
+        return loss / self.accumulate if self.accumulate > 1 else loss
+
+    def take(self) -> Tuple[int, List[int], Any]:
+        """The group's weight, chunk lengths and finiteness (``None`` untracked), and a fresh group after it."""
+        taken = self.weight, self.lengths, self.finite
+        self.weight, self.lengths, self.finite = 0, [], None
+        return taken
