@@ -1,6 +1,7 @@
 """Truncated backpropagation through time, TBPTT(k1, k2), for PyTorch-Ignite."""
 
 from ignite_tbptt.checks import check_state_passing
+from ignite_tbptt.corpus import prepare_corpus, read_corpus
 from ignite_tbptt.data import StreamBatches
 from ignite_tbptt.evaluator import create_supervised_tbptt_evaluator, supervised_tbptt_evaluation_step
 from ignite_tbptt.events import Tbptt_Events
@@ -19,7 +20,9 @@ __all__ = [
     "ChunkWise",
     "create_supervised_tbptt_evaluator",
     "create_supervised_tbptt_trainer",
+    "prepare_corpus",
     "RandomLength",
+    "read_corpus",
     "reset_state",
     "StreamBatches",
     "supervised_tbptt_evaluation_step",
