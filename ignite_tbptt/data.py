@@ -329,6 +329,9 @@ class StreamBatches:
         out[marks] = flag
         return out.t() if self.batch_first else out
 
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "_epoch": None}  # a copy lays out its epoch anew
+
     def __repr__(self) -> str:
         return (
             f"StreamBatches({len(self._source.lengths)} document(s), {self.batch_size} of {self.global_batch_size} "
