@@ -26,6 +26,7 @@ bench_stream = load("bench_stream")
 bench_compile = load("bench_compile")
 bench_burn_in = load("bench_burn_in")
 bench_artbp = load("bench_artbp")
+bench_corpus = load("bench_corpus")
 import bench_common as bc  # noqa: E402
 
 
@@ -146,3 +147,13 @@ def test_artbp_benchmark_quick_run(capsys):
     out = capsys.readouterr().out
     for line in ("| hand-written ARTBP loop (recompute) |", "| ignite_tbptt ARTBP, retain |", "ARTBP's gradient over its draws"):
         assert line in out, out
+
+
+def test_corpus_benchmark_quick_run(capsys, tmp_path):
+    """A tiny token file: every row of the table prints, and the files are removed afterwards."""
+    bench_corpus.main(["--quick", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    for line in ("| laying out a shuffled epoch (no token read) |", "| producing a batch of 8 x 32 (median of 5) |",
+                 "| batch / training step |", "`ru_maxrss` |", "| checking every token id (`vocab_size=`) |"):
+        assert line in out, out
+    assert list(tmp_path.iterdir()) == []
