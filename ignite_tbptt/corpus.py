@@ -15,6 +15,7 @@ allow_pickle=False)`` and JSON.
 """
 
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -102,7 +103,8 @@ class TokenFile:
 
     With ``vocab_size``, every token id of the documents is checked to be in ``[0, vocab_size)``, scanning
     the file in chunks: constant memory for any file size. Only ``[start, stop)`` of the file is used (a
-    document crossing either end is cut there). Nothing is read from the map until :meth:`read`; a copy
+    document crossing either end is cut there). Nothing is read from the map until :meth:`read`, and
+    :meth:`release` lets go of what reads have mapped (``StreamBatches`` does after every batch); a copy
     (``pickle``, a ``DataLoader`` worker) reopens the file instead of copying its tokens.
 
     Example:
@@ -206,6 +208,21 @@ class TokenFile:
         """Steps ``[a, b)`` of document ``document`` (a view of the map: only these tokens are read)."""
         first = int(self.starts[document])
         return self.tokens[first + a : first + b]
+
+    def release(self) -> None:
+        """Unmap the pages that reads have touched, so that the resident set stops counting them.
+
+        The kernel maps file pages in large folios (up to 2 MiB on Linux 6), so a batch of 64 rows can map
+        over 100 MiB, and an epoch the whole file: clean page cache, which the kernel reclaims under pressure,
+        but resident all the same. ``MADV_DONTNEED`` drops the process' mappings (the page cache keeps the
+        pages; the next read maps them again). Where it is missing, this does nothing.
+        """
+        raw = getattr(self._map, "_mmap", None)  # the mmap.mmap under numpy's memmap
+        if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                raw.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -77,13 +77,16 @@ def _documents(data: Data) -> Tuple[List[torch.Tensor], Optional[List[torch.Tens
     return xs, (ys if paired else None)
 
 
-def _fill(out: Any, layout: EpochLayout, lo: int, hi: int, read: Callable[[int, int, int], Any], batch_first: bool) -> Any:
+Read = Callable[[int, int, int], Any]  # (document, a, b) -> the document's steps [a, b)
+
+
+def _fill(out: Any, layout: EpochLayout, lo: int, hi: int, read: Read, batch_first: bool) -> Any:
     """Copy steps ``[lo, hi)`` of every row into ``out`` (a tensor or an array in batch layout, its time axis
-    starting at ``lo``), one document piece at a time; ``read(document, a, b)`` gives a document's steps."""
+    starting at ``lo``), one document piece at a time."""
     for row in range(layout.rows):
-        for piece in layout.pieces(row, lo, hi):
-            steps = slice(piece.step, piece.step + piece.length)
-            out[(row, steps) if batch_first else (steps, row)] = read(piece.document, piece.offset, piece.offset + piece.length)
+        for doc, offset, step, length in layout.pieces(row, lo, hi):
+            steps = slice(step, step + length)
+            out[(row, steps) if batch_first else (steps, row)] = read(doc, offset, offset + length)
     return out
 
 
@@ -108,7 +111,8 @@ class _InMemory:
 
 
 class _FromFile:
-    """Token documents in a file: every batch reads its own steps (``+ 1`` for the targets) from the map."""
+    """Token documents in a file: every batch reads its own steps (``+ 1`` for the targets) from the map, then
+    lets go of the map's pages."""
 
     next_step = True
 
@@ -121,8 +125,9 @@ class _FromFile:
 
         def cut(start: int, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
             shape = (layout.rows, length + 1) if batch_first else (length + 1, layout.rows)
-            out = _fill(np.empty(shape, dtype=np.int64), layout, start, start + length + 1, self.tokens.read, batch_first)
-            steps = torch.from_numpy(out)
+            out = np.empty(shape, dtype=np.int64)
+            steps = torch.from_numpy(_fill(out, layout, start, start + length + 1, self.tokens.read, batch_first))
+            self.tokens.release()  # the resident set holds at most the pages of one batch
             return steps.narrow(axis, 0, length), steps.narrow(axis, 1, length)
 
         return cut

@@ -199,8 +199,21 @@ def test_an_epoch_reads_no_token_and_a_batch_only_its_own(tmp_path, monkeypatch)
     x, y, _ = next(iterator)
     assert sum(reads) == 8 * (16 + 1)  # one batch: its rows' steps and the one target step after them
     reads.clear()
+    releases = []
+    monkeypatch.setattr(TokenFile, "release", lambda self: releases.append(1))
     rest = list(iterator)
     assert sum(reads) == sum(8 * (b[0].shape[0] + 1) for b in rest)
+    assert len(releases) == len(rest)  # the map's pages let go after every batch
+
+
+def test_release_unmaps_what_reads_mapped(tmp_path):
+    docs = token_documents([1 << 20])
+    path, _ = write(tmp_path, docs, "uint16")
+    tokens = TokenFile(path, "uint16")
+    tokens.release()  # nothing mapped yet: nothing to do
+    assert tokens.read(0, 5, 9).tolist() == docs[0][5:9].tolist()
+    tokens.release()
+    assert tokens.read(0, 1000, 1003).tolist() == docs[0][1000:1003].tolist()  # mapped again on the next read
 
 
 def test_a_copy_maps_the_file_anew_rather_than_carrying_its_tokens(tmp_path):
