@@ -51,7 +51,7 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(Any|Callable|Optional|Union|List|Tuple|Dict|Iterator|Iterable|Mapping|Sequence|Deque|NamedTuple)"),
     (r"py:.*", r"(int|float|str|bool|object|None|type|dict|list|tuple|callable)"),
     (r"py:.*", r"(nn\.Module|Module|Tensor|Engine|Metric|State|EventEnum|MetricUsage|Events|Path|Generator)"),
-    (r"py:.*", r"argparse\..*"),
+    (r"py:.*", r"(argparse|os|pathlib|np|numpy)\..*"),
     (r"py:.*", r"(Hidden|ModelFn|Params|BatchDims|ResetFn|Steps|Window|_.*)"),
     (r"py:.*", r".*\._.*|.*_event_filter"),  # private names, and the event filters Ignite's events inherit
 ]

@@ -2,6 +2,7 @@
 
 from ignite_tbptt.adaptive import AdaptiveK2
 from ignite_tbptt.checks import check_state_passing
+from ignite_tbptt.corpus import prepare_corpus, read_corpus
 from ignite_tbptt.data import StreamBatches
 from ignite_tbptt.evaluator import create_supervised_tbptt_evaluator, supervised_tbptt_evaluation_step
 from ignite_tbptt.events import Tbptt_Events
@@ -24,7 +25,9 @@ __all__ = [
     "create_supervised_tbptt_trainer",
     "gradient_horizon",
     "GradientHorizon",
+    "prepare_corpus",
     "RandomLength",
+    "read_corpus",
     "reset_state",
     "StreamBatches",
     "supervised_tbptt_evaluation_step",

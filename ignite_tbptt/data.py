@@ -7,14 +7,19 @@ marks every batch with its stream position, so that a trainer carrying state can
 continue its stream.
 
 This module knows nothing of the trainer: it yields ``(x, y, sequence_info)`` batches in the format that
-:mod:`ignite_tbptt.sequences` describes.
+:mod:`ignite_tbptt.sequences` describes. Where every step goes is :mod:`ignite_tbptt.layout`'s work, from the
+documents' lengths alone; this module fills the batches, from tensors in memory or, through
+:meth:`StreamBatches.from_file`, from a token file (:mod:`ignite_tbptt.corpus`).
 """
 
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import ignite.distributed as idist
+import numpy as np
 import torch
 
+from ignite_tbptt.corpus import Offsets, PathLike, TokenFile
+from ignite_tbptt.layout import EpochLayout, epoch_order
 from ignite_tbptt.schedule import check_positive_int
 
 __all__ = ["StreamBatches"]
@@ -22,18 +27,15 @@ __all__ = ["StreamBatches"]
 Data = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[Tuple[torch.Tensor, torch.Tensor]]]
 
 
-Marks = Dict[int, List[Tuple[int, int]]]  # per batch index: the (step in batch, row) of each mark
+Cut = Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]]  # (first step, steps) -> a batch's (x, y)
 
 
-class _Layout(NamedTuple):
-    """One epoch's rows for this process: inputs and targets in batch layout, and each batch's resets and masked
-    pairs (:meth:`StreamBatches._boundaries`), worked out once per layout."""
+class _Epoch(NamedTuple):
+    """One epoch of this process: its layout, and the batches' inputs and targets by first step and length."""
 
     epoch: int
-    x: torch.Tensor
-    y: torch.Tensor
-    resets: Marks
-    masks: Marks
+    layout: EpochLayout
+    cut: Cut
 
 
 def _check_tensor(item: Any, what: str) -> torch.Tensor:
@@ -75,8 +77,60 @@ def _documents(data: Data) -> Tuple[List[torch.Tensor], Optional[List[torch.Tens
     return xs, (ys if paired else None)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 2654435761 + epoch) % (2**63)  # distinct for every (seed, epoch) with epoch < 2654435761
+Read = Callable[[int, int, int], Any]  # (document, a, b) -> the document's steps [a, b)
+
+
+def _fill(out: Any, layout: EpochLayout, lo: int, hi: int, read: Read, batch_first: bool) -> Any:
+    """Copy steps ``[lo, hi)`` of every row into ``out`` (a tensor or an array in batch layout, its time axis
+    starting at ``lo``), one document piece at a time."""
+    for row in range(layout.rows):
+        for doc, offset, step, length in layout.pieces(row, lo, hi):
+            steps = slice(step, step + length)
+            out[(row, steps) if batch_first else (steps, row)] = read(doc, offset, offset + length)
+    return out
+
+
+class _InMemory:
+    """Documents as tensors: an epoch copies this process' rows once, and every batch is a view of the copy."""
+
+    def __init__(self, data: Data) -> None:
+        self.inputs, self.targets = _documents(data)
+        self.next_step = self.targets is None
+        self.lengths = [len(d) for d in self.inputs]
+
+    def epoch(self, layout: EpochLayout, batch_first: bool) -> Cut:
+        def copy(docs: List[torch.Tensor]) -> torch.Tensor:
+            first, n = docs[0], layout.row_length
+            out = first.new_empty(((layout.rows, n) if batch_first else (n, layout.rows)) + tuple(first.shape[1:]))
+            return _fill(out, layout, 0, n, lambda d, a, b: docs[d][a:b], batch_first)
+
+        x = copy(self.inputs)
+        y = x if self.next_step else copy(self.targets)
+        axis, shift = (1 if batch_first else 0), int(self.next_step)  # next step: inputs 0 .. n - 2, targets 1 .. n - 1
+        return lambda start, length: (x.narrow(axis, start, length), y.narrow(axis, start + shift, length))
+
+
+class _FromFile:
+    """Token documents in a file: every batch reads its own steps (``+ 1`` for the targets) from the map, then
+    lets go of the map's pages."""
+
+    next_step = True
+
+    def __init__(self, tokens: TokenFile) -> None:
+        self.tokens = tokens
+        self.lengths = tokens.lengths
+
+    def epoch(self, layout: EpochLayout, batch_first: bool) -> Cut:
+        axis = 1 if batch_first else 0
+
+        def cut(start: int, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+            shape = (layout.rows, length + 1) if batch_first else (length + 1, layout.rows)
+            out = np.empty(shape, dtype=np.int64)
+            steps = torch.from_numpy(_fill(out, layout, start, start + length + 1, self.tokens.read, batch_first))
+            self.tokens.release()  # the resident set holds at most the pages of one batch
+            return steps.narrow(axis, 0, length), steps.narrow(axis, 1, length)
+
+        return cut
 
 
 class StreamBatches:
@@ -112,10 +166,11 @@ class StreamBatches:
     number of batches.
 
     The documents are kept as given; an epoch builds one reordered copy of this process' rows, and every batch
-    is a view of it.
+    is a view of it. For corpora larger than memory, :meth:`from_file` reads each batch from a token file.
 
     Args:
-        data: a tensor, a list of tensors, or a list of ``(x, y)`` pairs; time on axis 0.
+        data: a tensor, a list of tensors, or a list of ``(x, y)`` pairs; time on axis 0 (or a
+            :class:`~ignite_tbptt.corpus.TokenFile`, as :meth:`from_file` gives it).
         batch_size: the number of rows (streams) over all processes.
         seq_len: time steps per batch.
         batch_first: batches ``(rows, seq_len, ...)`` for a trainer with ``dim=1``; else ``(seq_len, rows, ...)``.
@@ -165,15 +220,17 @@ class StreamBatches:
                 f"batch_size ({batch_size}) is the global batch and must be divisible by the world size "
                 f"({self.world_size}), so that every process gets the same number of rows"
             )
-        self.inputs, self.targets = _documents(data)
-        self.next_step = self.targets is None
-        shortest = min(len(d) for d in self.inputs)
+        self._source: Union[_InMemory, _FromFile] = _FromFile(data) if isinstance(data, TokenFile) else _InMemory(data)
+        self.next_step = self._source.next_step
+        lengths = np.asarray(self._source.lengths, dtype=np.int64)
+        shortest = int(lengths.min())
         if self.next_step and shortest < 2:
-            index = [len(d) for d in self.inputs].index(shortest)
-            raise ValueError(f"document {index} has {shortest} step(s): it needs 2 to give one (input, next step) pair")
+            raise ValueError(
+                f"document {int(np.argmin(lengths))} has {shortest} step(s): it needs 2 to give one (input, next step) pair"
+            )
         if shortest < 1:
-            raise ValueError(f"document {[len(d) for d in self.inputs].index(0)} is empty")
-        total = sum(len(d) for d in self.inputs)
+            raise ValueError(f"document {int(np.argmin(lengths))} is empty")
+        total = int(lengths.sum())
         self.row_length = total // batch_size
         if self.row_length < 1 + self.next_step:
             raise ValueError(
@@ -185,7 +242,55 @@ class StreamBatches:
         self.batch_size = batch_size // self.world_size  # this process' rows
         self.batch_first, self.shuffle, self.seed = bool(batch_first), bool(shuffle), seed
         self.epoch = 0
-        self._layout: Optional[_Layout] = None
+        self._epoch: Optional[_Epoch] = None
+
+    @classmethod
+    def from_file(
+        cls,
+        path: PathLike,
+        batch_size: int,
+        seq_len: int,
+        *,
+        dtype: str,
+        offsets: Optional[Offsets] = None,
+        separator: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+        start: int = 0,
+        stop: Optional[int] = None,
+        batch_first: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> "StreamBatches":
+        """Batches of token documents in a flat binary file, read batch by batch: for corpora larger than memory.
+
+        The file holds token ids of ``dtype`` (``"uint8"``, ``"uint16"`` or ``"int32"``) end to end, read
+        through a read-only ``numpy.memmap``. The documents are given by ``offsets``, the first token of each
+        (the first 0: a list, an array, a tensor, or a ``.npy`` file's path), or by a ``separator`` token id,
+        which is dropped (the documents are the runs between separators), or the file is one document. With
+        ``vocab_size`` every token id is checked to be in ``[0, vocab_size)``, reading the file in chunks;
+        ``start`` and ``stop`` use only that range of the file's tokens (a held-out part stays out). See
+        :class:`~ignite_tbptt.corpus.TokenFile`, which checks the file, the offsets and the ids.
+
+        The batches equal those of ``StreamBatches(documents, ...)`` built in memory from the same documents
+        as ``int64`` tensors, element for element and with the same sequence information; everything else
+        (shuffling, sharding, ``set_epoch``, ``len()``) is as there. An epoch is laid out from the documents'
+        lengths alone, without reading a token, and each batch reads only its own ``rows x (seq_len + 1)``
+        tokens: memory holds the document index (O(documents)) and the batches alive, never the corpus.
+
+        Example:
+            >>> import tempfile, os
+            >>> path = os.path.join(tempfile.mkdtemp(), "tokens.bin")
+            >>> np.arange(26, dtype=np.uint8).tofile(path)
+            >>> x, y, info = next(iter(StreamBatches.from_file(path, 2, 4, dtype="uint8", offsets=[0, 13])))
+            >>> x.t().tolist(), y.t().tolist(), x.dtype
+            ([[0, 1, 2, 3], [13, 14, 15, 16]], [[1, 2, 3, 4], [14, 15, 16, 17]], torch.int64)
+        """
+        tokens = TokenFile(path, dtype, offsets=offsets, separator=separator, vocab_size=vocab_size, start=start,
+                           stop=stop)
+        return cls(tokens, batch_size, seq_len, batch_first=batch_first, shuffle=shuffle, seed=seed, rank=rank,
+                   world_size=world_size)
 
     def __len__(self) -> int:
         """The number of batches per epoch, the same in every epoch and on every process."""
@@ -199,89 +304,42 @@ class StreamBatches:
 
     def order(self, epoch: int) -> List[int]:
         """The documents' order in ``epoch``: a permutation of ``(seed, epoch)`` with ``shuffle``, else as given."""
-        if not self.shuffle:
-            return list(range(len(self.inputs)))
-        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-        return torch.randperm(len(self.inputs), generator=generator).tolist()
+        return epoch_order(len(self._source.lengths), self.shuffle, self.seed, epoch)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]]:
-        layout = self._layout_of(self.epoch)
+        epoch = self._epoch_of(self.epoch)
         time_axis = 1 if self.batch_first else 0
         for index, start in enumerate(range(0, self.steps, self.seq_len)):
             length = min(self.seq_len, self.steps - start)
             info: Dict[str, Any] = {"position": start, "dim": time_axis}
-            for key, marks in (("resets", layout.resets), ("mask", layout.masks)):
-                if index in marks:
-                    info[key] = self._marks(marks[index], length, flag=key == "resets")
-            yield layout.x.narrow(time_axis, start, length), layout.y.narrow(time_axis, start, length), info
+            for key in ("resets", "mask"):
+                marks = epoch.layout.marks(key, index)
+                if marks is not None:
+                    info[key] = self._marks(marks, length, flag=key == "resets")
+            yield (*epoch.cut(start, length), info)
 
-    def _layout_of(self, epoch: int) -> _Layout:
-        """This process' rows for ``epoch``, built at most once per epoch (once in all without ``shuffle``)."""
-        if self._layout is not None and (self._layout.epoch == epoch or not self.shuffle):
-            return self._layout
-        self._layout = None  # free the previous epoch's copy before building the next
-        order = self.order(epoch)
-        lengths = [len(self.inputs[i]) for i in order]
-        doc_starts = torch.tensor([0] + lengths).cumsum(0).tolist()
-        span = self.rank * self.batch_size * self.row_length  # this process' first step in the epoch's stream
-        x = self._fill(self.inputs, order, doc_starts, span)
-        y = x if self.next_step else self._fill(self.targets, order, doc_starts, span)
-        starts: List[List[int]] = [[] for _ in range(self.batch_size)]
-        for s in doc_starts[:-1]:
-            if span <= s < span + self.batch_size * self.row_length:
-                row, step = divmod(s - span, self.row_length)
-                starts[row].append(step)
-        axis = 1 if self.batch_first else 0
-        if self.next_step:  # inputs are steps 0 .. n - 2 of a row, targets steps 1 .. n - 1
-            x, y = x.narrow(axis, 0, self.steps), y.narrow(axis, 1, self.steps)
-        self._layout = _Layout(epoch, x, y, *self._boundaries(starts))
-        return self._layout
+    def _epoch_of(self, epoch: int) -> _Epoch:
+        """This process' layout for ``epoch``, built at most once per epoch (once in all without ``shuffle``)."""
+        if self._epoch is not None and (self._epoch.epoch == epoch or not self.shuffle):
+            return self._epoch
+        self._epoch = None  # free the previous epoch's copy before building the next
+        layout = EpochLayout(self._source.lengths, self.order(epoch), self.batch_size, self.row_length,
+                             self.rank * self.batch_size, self.seq_len, self.next_step)
+        self._epoch = _Epoch(epoch, layout, self._source.epoch(layout, self.batch_first))
+        return self._epoch
 
-    def _fill(self, docs: List[torch.Tensor], order: List[int], doc_starts: List[int], span: int) -> torch.Tensor:
-        """Copy this process' rows, the stream steps from ``span`` on, into one tensor in batch layout.
-
-        One pass over the documents, copying each piece of a document that falls into one row.
-        """
-        n, first = self.row_length, docs[0]
-        shape = (self.batch_size, n) if self.batch_first else (n, self.batch_size)
-        out = first.new_empty(shape + tuple(first.shape[1:]))
-        stop = span + self.batch_size * n
-        for k, doc_index in enumerate(order):
-            lo, hi = max(doc_starts[k], span), min(doc_starts[k + 1], stop)
-            while lo < hi:
-                row, step = divmod(lo - span, n)
-                cut = min(hi, lo - step + n)  # the end of the document or of the row
-                target = out[row] if self.batch_first else out[:, row]
-                target[step : step + cut - lo].copy_(docs[doc_index][lo - doc_starts[k] : cut - doc_starts[k]])
-                lo = cut
-        return out
-
-    def _boundaries(self, starts: List[List[int]]) -> Tuple[Marks, Marks]:
-        """Per batch index, the (step in batch, row) of its resets, and of its masked pairs (next-step targets).
-
-        A document starting at step ``t`` of a row resets that row before input step ``t``; with next-step
-        targets, the pair at ``t - 1`` (the previous document's last step predicting this one's first) is masked.
-        """
-        resets: Marks = {}
-        masks: Marks = {}
-        for j, row_starts in enumerate(starts):
-            for t in row_starts:
-                if t < self.steps:
-                    resets.setdefault(t // self.seq_len, []).append((t % self.seq_len, j))
-                if self.next_step and t >= 1:
-                    masks.setdefault((t - 1) // self.seq_len, []).append(((t - 1) % self.seq_len, j))
-        return resets, masks
-
-    def _marks(self, marks: List[Tuple[int, int]], length: int, flag: bool) -> torch.Tensor:
+    def _marks(self, marks: Tuple[List[int], List[int]], length: int, flag: bool) -> torch.Tensor:
         """A ``(length, rows)`` bool tensor (transposed for ``batch_first``): ``flag`` at ``marks``, else not."""
         out = torch.full((length, self.batch_size), not flag, dtype=torch.bool)
-        steps, rows = zip(*marks)
-        out[list(steps), list(rows)] = flag
+        out[marks] = flag
         return out.t() if self.batch_first else out
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "_epoch": None}  # a copy lays out its epoch anew
 
     def __repr__(self) -> str:
         return (
-            f"StreamBatches({len(self.inputs)} document(s), {self.batch_size} of {self.global_batch_size} rows "
-            f"(rank {self.rank} of {self.world_size}) x {self.steps} steps, seq_len={self.seq_len}, "
+            f"StreamBatches({len(self._source.lengths)} document(s), {self.batch_size} of {self.global_batch_size} "
+            f"rows (rank {self.rank} of {self.world_size}) x {self.steps} steps, seq_len={self.seq_len}, "
             f"{len(self)} batches, shuffle={self.shuffle})"
         )

@@ -7,6 +7,13 @@ evaluator after every epoch. The default corpus is the English text of the Pytho
 with CPython (``pydoc_data.topics``), as one document; ``--text PATH ...`` trains on your own files instead,
 each file a document (the state resets where a file starts). Nothing is downloaded.
 
+For corpora larger than memory, ``prepare`` writes the files once as a token file with its document index
+(:func:`ignite_tbptt.corpus.prepare_corpus`), and ``--corpus DIR`` trains from it, reading every batch from
+the file (:meth:`StreamBatches.from_file <ignite_tbptt.StreamBatches.from_file>`). The held-out part is the
+same as with ``--text``: the last 5% of the stream, cut at that position, a piece under 2 characters dropped;
+it is read from the file too. The subcommands (``prepare``, ``score``, ``sample``) are in ``COMMANDS``; a command line that
+does not start with one trains.
+
 ``--nproc N`` trains on ``N`` processes through ``ignite.distributed`` (gloo on the CPU, nccl on GPUs), each
 on ``batch-size / N`` of the rows; the same script runs under ``torchrun --nproc_per_node N``.
 
@@ -15,6 +22,8 @@ Run it with ``python -m ignite_tbptt.demo`` (or the ``ignite-tbptt-demo`` consol
     python -m ignite_tbptt.demo --epochs 1 --k1 25 --k2 50 --overlap retain
     python -m ignite_tbptt.demo --nproc 2
     python -m ignite_tbptt.demo --artbp 0.5 --artbp-cap 8
+    python -m ignite_tbptt.demo prepare --text a.txt b.txt --out corpus/
+    python -m ignite_tbptt.demo --corpus corpus/ --shuffle
 
 ``--save PATH`` writes one file with the weights, the vocabulary and the model's sizes, read back safely
 (``torch.load(..., weights_only=True)``) by two subcommands::
@@ -32,9 +41,10 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Loss
@@ -50,6 +60,7 @@ from ignite_tbptt import (
     create_supervised_tbptt_evaluator,
     create_supervised_tbptt_trainer,
 )
+from ignite_tbptt.corpus import PreparedCorpus, prepare_corpus, read_corpus
 
 LOG2E = 1 / math.log(2)
 
@@ -93,6 +104,26 @@ class Corpus(NamedTuple):
     train: List[torch.Tensor]
     valid: List[torch.Tensor]
 
+    @property
+    def characters(self) -> int:
+        return sum(map(len, self.train)) + sum(map(len, self.valid))
+
+    @property
+    def documents(self) -> int:
+        return len(self.train)
+
+
+class FileCorpus(NamedTuple):
+    """A prepared corpus on disk, split by position in the stream: training tokens ``[0, stop)`` of its token
+    file, held-out tokens ``[start, end)``, as :func:`split_stream` cuts the documents."""
+
+    vocab: List[str]
+    prepared: PreparedCorpus
+    stop: int
+    start: int
+    characters: int
+    documents: int
+
 
 def split_stream(docs: List[torch.Tensor], at: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """The documents before stream position ``at`` and those after it; a piece under 2 tokens is dropped."""
@@ -112,6 +143,23 @@ def encode(texts: List[str], held_out: float = 0.05) -> Corpus:
     docs = [torch.tensor([index[c] for c in text], dtype=torch.long) for text in texts]
     train, valid = split_stream(docs, int(sum(len(d) for d in docs) * (1 - held_out)))
     return Corpus(vocab, train, valid)
+
+
+def split_file(prepared: PreparedCorpus, held_out: float = 0.05) -> FileCorpus:
+    """The split of :func:`encode` for a prepared corpus: the last ``held_out`` of the stream is held out, the
+    document there cut at that position, and a piece under 2 tokens dropped (as :func:`split_stream` does).
+
+    Only the document index is read, not the tokens.
+    """
+    offsets = np.load(prepared.offsets_path, allow_pickle=False)
+    total = prepared.tokens
+    at = int(total * (1 - held_out))
+    k = int(np.searchsorted(offsets, at, side="right")) - 1  # the document holding stream position `at`
+    first, end = int(offsets[k]), int(offsets[k + 1]) if k + 1 < len(offsets) else total
+    stop = at if at - first >= 2 else first  # the piece of document k before `at`, kept if 2 tokens or more
+    start = at if end - at >= 2 else end  # and the piece after it
+    documents = k + int(stop > first)
+    return FileCorpus(prepared.vocab, prepared, stop, start, stop + total - start, documents)
 
 
 def sequence_loss(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -264,8 +312,14 @@ def sample(
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m ignite_tbptt.demo")
-    parser.add_argument("--text", nargs="+", help="train on these text files (one document each) instead of the Python docs")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], prog="python -m ignite_tbptt.demo",
+        epilog="subcommands: " + "; ".join(f"python -m ignite_tbptt.demo {name} ... ({text})"
+                                           for name, (_, text) in COMMANDS.items()),
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", nargs="+", help="train on these text files (one document each) instead of the Python docs")
+    source.add_argument("--corpus", metavar="DIR", help="train on a corpus written by the prepare subcommand, read batch by batch")
     parser.add_argument("--k1", type=int, default=25, help="time steps per update (tbtt_step)")
     parser.add_argument("--k2", type=int, default=None, help="time steps to backpropagate (default: k1)")
     parser.add_argument("--bptt-random", action="store_true",
@@ -334,7 +388,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(local_rank: int, args: argparse.Namespace, corpus: Corpus) -> None:
+def make_batches(corpus: Union[Corpus, FileCorpus], args: argparse.Namespace, device: torch.device,
+                 rank: Optional[int] = None, world: Optional[int] = None, check: bool = False) -> Tuple[StreamBatches, StreamBatches]:
+    """The training and held-out batches; ``rank`` and ``world`` default to ``idist``'s. ``check`` checks
+    a file corpus' token ids against its vocabulary (a pass over the file, once before training)."""
+    valid_rows = validation_rows(idist.get_world_size() if world is None else world)
+    shard = dict(rank=rank, world_size=world)
+    if isinstance(corpus, FileCorpus):
+        prepared = corpus.prepared
+        common = dict(dtype=prepared.dtype, offsets=prepared.offsets_path, **shard)
+        vocab_size = len(corpus.vocab) if check else None
+        return (
+            StreamBatches.from_file(prepared.tokens_path, args.batch_size, args.seq_len, stop=corpus.stop,
+                                    shuffle=args.shuffle, seed=args.seed, vocab_size=vocab_size, **common),
+            StreamBatches.from_file(prepared.tokens_path, valid_rows, args.seq_len, start=corpus.start, **common),
+        )
+    on_device = lambda docs: [d.to(device) for d in docs]  # noqa: E731
+    return (
+        StreamBatches(on_device(corpus.train), args.batch_size, args.seq_len, shuffle=args.shuffle, seed=args.seed,
+                      **shard),
+        StreamBatches(on_device(corpus.valid), valid_rows, args.seq_len, **shard),
+    )
+
+
+def train(local_rank: int, args: argparse.Namespace, corpus: Union[Corpus, FileCorpus]) -> None:
     """One process' part of the run: its rows of every batch, gradients averaged across processes."""
     world, first = idist.get_world_size(), idist.get_rank() == 0
     device = idist.device() if args.device.type == "cuda" and world > 1 else args.device
@@ -343,23 +420,22 @@ def train(local_rank: int, args: argparse.Namespace, corpus: Corpus) -> None:
         # Processes sharing a machine share its cores: more threads than cores make every one of them wait.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // idist.get_nproc_per_node()))
     torch.manual_seed(args.seed)  # the same initial model on every process
-    on_device = lambda docs: [d.to(device) for d in docs]  # noqa: E731
-    batches = StreamBatches(on_device(corpus.train), args.batch_size, args.seq_len, shuffle=args.shuffle, seed=args.seed)
-    valid_batches = StreamBatches(on_device(corpus.valid), validation_rows(world), args.seq_len)
+    batches, valid_batches = make_batches(corpus, args, device)
     model = CharLSTM(len(corpus.vocab), args.hidden).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     tbtt_step = RandomLength(args.k1, seed=args.seed) if args.bptt_random else args.k1
     trainer = create_supervised_tbptt_trainer(
-        model, optimizer, sequence_loss, tbtt_step=tbtt_step, k2=args.window, overlap=args.overlap, carry_state=True
+        model, optimizer, sequence_loss, tbtt_step=tbtt_step, k2=args.window, overlap=args.overlap, carry_state=True,
+        device=device,
     )
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: batches.set_epoch(engine.state.epoch - 1))
     TbpttLoss().attach(trainer, "loss")  # the epoch's training loss, over all its time steps and processes
     evaluator = create_supervised_tbptt_evaluator(
-        model, {"loss": Loss(sequence_loss)}, tbtt_step=args.k1 * 4, carry_state=True, output_transform=flat_pair
+        model, {"loss": Loss(sequence_loss)}, tbtt_step=args.k1 * 4, carry_state=True, output_transform=flat_pair,
+        device=device,
     )
     say(
-        f"corpus: {sum(map(len, corpus.train)) + sum(map(len, corpus.valid)):,} characters in "
-        f"{len(corpus.train)} document(s), vocabulary {len(corpus.vocab)}; {len(batches)} batches of "
+        f"corpus: {corpus.characters:,} characters in {corpus.documents} document(s), vocabulary {len(corpus.vocab)}; {len(batches)} batches of "
         f"{args.batch_size} x {args.seq_len}"
         f"{f' on {world} processes' if world > 1 else ''}; TBPTT(k1={args.k1}{' random' if args.bptt_random else ''}, "
         f"k2={args.window or args.k1}, {args.overlap})"
@@ -383,8 +459,7 @@ def train(local_rank: int, args: argparse.Namespace, corpus: Corpus) -> None:
         f"{elapsed:.0f} s, {tokens / elapsed:,.0f} tokens/s"
     )
     if first:
-        # "The " where the corpus has those characters, else the corpus' own first characters
-        prompt = "The " if set("The ") <= set(corpus.vocab) else "".join(corpus.vocab[i] for i in corpus.train[0][:4])
+        prompt = "The " if set("The ") <= set(corpus.vocab) else corpus.vocab[0]  # characters the model knows
         print("sample:", sample(model, corpus.vocab, prompt, 160, temperature=0.7, seed=args.seed).replace("\n", " "))
         if args.save:
             save_model(args.save, model, corpus.vocab)
@@ -430,24 +505,46 @@ def sample_main(argv: Sequence[str]) -> int:
     return 0
 
 
-#: The subcommands; without one, the command line trains (the Quickstart's command).
-COMMANDS = {"score": score_main, "sample": sample_main}
+def prepare(argv: Sequence[str]) -> int:
+    """``prepare --text FILE... --out DIR``: write a corpus for ``--corpus DIR`` (:func:`~ignite_tbptt.corpus.prepare_corpus`)."""
+    parser = argparse.ArgumentParser(prog="python -m ignite_tbptt.demo prepare", description=COMMANDS["prepare"][1])
+    parser.add_argument("--text", nargs="+", required=True, help="text files, one document each (UTF-8)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the corpus directory (created if missing)")
+    args = parser.parse_args(argv)
+    try:
+        corpus = prepare_corpus([Path(p) for p in args.text], args.out)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"prepared {args.out}: {corpus.tokens:,} characters in {corpus.documents} document(s), "
+          f"vocabulary {len(corpus.vocab)}, {corpus.dtype} tokens")
+    return 0
+
+
+# name -> (function of the rest of the command line, returning the exit code; its one-line description)
+COMMANDS: Dict[str, Tuple[Callable[[Sequence[str]], int], str]] = {
+    "prepare": (prepare, "write text files as a token file, its document index and vocabulary, for --corpus"),
+    "score": (score_main, "the bits per character of text files under a model saved by --save"),
+    "sample": (sample_main, "a continuation of a prompt sampled from a model saved by --save"),
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         try:
-            return COMMANDS[argv[0]](argv[1:])
+            return COMMANDS[argv[0]][0](argv[1:])
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     args = parse_args(argv)
     try:
-        corpus = encode(load_documents(args.text))
         world = world_size(args)
-        for docs, rows in ((corpus.train, args.batch_size), (corpus.valid, validation_rows(world))):
-            StreamBatches(docs, rows, args.seq_len, rank=0, world_size=world)  # bad sizes fail here, not in a child
+        if args.corpus is not None:
+            corpus: Union[Corpus, FileCorpus] = split_file(read_corpus(args.corpus))
+        else:
+            corpus = encode(load_documents(args.text))
+        make_batches(corpus, args, torch.device("cpu"), rank=0, world=world, check=True)  # bad input fails here
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ bench_compile = load("bench_compile")
 bench_burn_in = load("bench_burn_in")
 bench_artbp = load("bench_artbp")
 bench_adaptive = load("bench_adaptive")
+bench_corpus = load("bench_corpus")
 import bench_common as bc  # noqa: E402
 
 
@@ -155,3 +156,13 @@ def test_adaptive_benchmark_quick_run(capsys):
     for line in ("| one estimate (beta = ", "| retain, monitor_state_grads=True |", "| AdaptiveK2(0.1) |",
                  "The K of each estimate of the adaptive runs: seed 0: "):
         assert line in out, out
+
+
+def test_corpus_benchmark_quick_run(capsys, tmp_path):
+    """A tiny token file: every row of the table prints, and the files are removed afterwards."""
+    bench_corpus.main(["--quick", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    for line in ("| laying out a shuffled epoch (no token read) |", "| producing a batch of 8 x 32 (median of 5) |",
+                 "| batch / training step |", "`ru_maxrss` |", "| checking every token id (`vocab_size=`) |"):
+        assert line in out, out
+    assert list(tmp_path.iterdir()) == []
