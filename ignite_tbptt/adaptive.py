@@ -1,4 +1,4 @@
-"""A backprop window that adapts during training: ``k2=AdaptiveK2(delta, ...)`` (issue 23).
+"""A backprop window that adapts during training: ``k2=AdaptiveK2(delta, ...)``.
 
 Every ``every`` updates the trainer measures, on the batch it is about to train on, how fast the gradient decays
 with the lag (:func:`~ignite_tbptt.horizon.gradient_horizon`), and takes the shortest truncation whose bias

@@ -1,4 +1,4 @@
-"""How far back the gradient reaches: its decay with the lag, measured on one batch, for choosing ``k2`` (issue 23).
+"""How far back the gradient reaches: its decay with the lag, measured on one batch, for choosing ``k2``.
 
 TBPTT with a window of ``k2`` steps drops every path of the gradient that runs back further than ``k2`` steps.
 How much that costs depends on how fast the backpropagated gradient decays with the lag. Aicher, Foti and Fox

@@ -1,4 +1,4 @@
-"""``k2=AdaptiveK2(delta, ...)`` and retain's state-gradient monitor (issue 23): the window the trainer adapts to is
+"""``k2=AdaptiveK2(delta, ...)`` and retain's state-gradient monitor: the window the trainer adapts to is
 ``gradient_horizon``'s suggestion on the batches it saw, its updates are the step-by-step reference's with those
 windows, it is reported in ``engine.state.k2``, saved and resumed; the monitor's norms are the state gradients an
 independent autograd run computes."""
