@@ -44,6 +44,8 @@ __all__ = [
 OVERLAP_MODES = {"recompute": RecomputeWindow, "retain": RetainWindow}
 #: The ``engine.state`` attribute holding the current batch's backprop window in steps (``None`` under ``ARTBP``).
 K2_ATTR = "k2"
+#: The ``engine.state`` attribute holding whether ``recompute`` re-runs windows in merged calls (``None``: not yet known).
+MERGE_CALLS_ATTR = "merge_calls"
 #: The ``engine.state`` attribute holding the latest update's state-gradient norms (``monitor_state_grads=True``).
 STATE_GRAD_NORMS_ATTR = "state_grad_norms"
 
@@ -87,7 +89,7 @@ def supervised_tbptt_training_step(
     check_state: bool = False,
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
-    merge_calls: bool = False,
+    merge_calls: Optional[bool] = None,
     monitor_state_grads: bool = False,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
@@ -138,6 +140,8 @@ def supervised_tbptt_training_step(
     accumulate = gradient_accumulation_steps
     # Looked up at call time so that a test can patch the module-level _detach_hidden.
     detach = lambda hidden: _detach_hidden(hidden)  # noqa: E731
+    if merge_calls is not None and not isinstance(merge_calls, bool):
+        raise TypeError(f"merge_calls must be True, False or None (find out), got {type(merge_calls).__name__}")
     if merge_calls and overlap != "recompute":
         raise ValueError('merge_calls=True applies to overlap="recompute" only: retain runs every step once')
     if monitor_state_grads and overlap != "retain":
@@ -146,7 +150,8 @@ def supervised_tbptt_training_step(
             "every chunk boundary anyway; recompute backpropagates each window in one call and would need a hook "
             "at every boundary (see docs/guide/choosing-k2.md)"
         )
-    window = (RecomputeWindow(model, model_fn, detach, dim, state, checkpoint_every, merge_calls) if overlap == "recompute"
+    recompute = overlap == "recompute"
+    window = (RecomputeWindow(model, model_fn, detach, dim, state, checkpoint_every, merge_calls) if recompute
               else RetainWindow(model, model_fn, detach, dim, state, checkpoint_every, monitor_state_grads))
     stream = CarriedState(window, carry_state, burn_in)
     keep_predictions = output_transform is not _default_output_transform
@@ -210,6 +215,16 @@ def supervised_tbptt_training_step(
             with scaled_learning_rate(optimizer, factor):
                 optimizer.step()
 
+    def report_merge(engine: Engine) -> None:
+        """Put the window's choice of calls in ``engine.state.merge_calls``, with a log line: it decides the speed."""
+        merge = window.merge_calls
+        setattr(engine.state, MERGE_CALLS_ATTR, merge)
+        engine.logger.info(
+            'overlap="recompute" re-runs each window in %s (engine.state.merge_calls=%s)',
+            "as few calls as possible: merging them changes nothing for this model" if merge
+            else "the calls the forward pass made: this model depends on where the stream is cut", merge,
+        )
+
     def drop_group() -> None:
         """After a stop inside a batch: the half-accumulated gradient of the steps that ran is never stepped."""
         group.take()
@@ -238,6 +253,8 @@ def supervised_tbptt_training_step(
             optimizer.zero_grad()
         with autocast():
             y_pred = window.forward(chunk, later, x_t, gates)
+            if recompute and window.merge_calls != getattr(engine.state, MERGE_CALLS_ATTR, None):
+                report_merge(engine)
             if check_axes:
                 state.check(window.hidden, batch_size_of(x_t, dim))
             loss = loss_fn(*masked_pair(y_pred, y_t, valid, dim)) if weight else None
@@ -372,7 +389,7 @@ def create_supervised_tbptt_trainer(
     check_state: bool = False,
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
-    merge_calls: bool = False,
+    merge_calls: Optional[bool] = None,
     monitor_state_grads: bool = False,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
@@ -472,11 +489,15 @@ def create_supervised_tbptt_trainer(
             (``keep`` a ``(B,)`` bool tensor, ``False`` for the samples to reset), for a model whose fresh state
             is not zeros. ``None``: zeros, written with ``torch.where`` so that a non-finite state is cleared.
             Padding of a fresh stream holds a sample at the state it gives too.
-        merge_calls: with ``overlap="recompute"``, re-run each window in as few model calls as its sequence
-            information allows, instead of in the calls the forward pass made (each chunk, cut where a later
-            window starts). Only for a model whose output does not depend on where the stream is cut into calls
-            (``nn.RNN``/``GRU``/``LSTM`` and their cells do not; a Transformer-XL memory does): the gradient is
-            then the same, and fused kernels at small ``k1`` run faster.
+        merge_calls: with ``overlap="recompute"``, whether to re-run each window in as few model calls as its sequence
+            information allows, instead of in the calls the forward pass made (each chunk, cut where a later window
+            starts). Merged is the same gradient only for a model whose output does not depend on where the stream
+            is cut into calls (``nn.RNN``/``GRU``/``LSTM`` and their cells; a Transformer-XL memory does depend),
+            and faster for fused kernels at small ``k1``. ``None`` (default): the trainer finds out, once, at the
+            first window that merging would change: it runs that window both ways without gradient and with
+            dropout off, at the current parameters and at perturbed ones, and merges from then on if outputs and
+            final state agree within the dtype's tolerance (a model with batch norm keeps the calls). The answer
+            is ``engine.state.merge_calls`` (``None`` until then), with a log line. ``True`` or ``False`` forces it.
         monitor_state_grads: with ``overlap="retain"``, after every update ``engine.state.state_grad_norms`` is a
             1-D tensor on the model's device: entry ``j`` the norm (over the batch and the state's floating leaves)
             of the update's state gradient at the start of the chunk ``j`` chunks back, ``j = 0`` the update's own
@@ -516,6 +537,8 @@ def create_supervised_tbptt_trainer(
     engine = tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
     adaptive = engine.adaptive_k2 = step.adaptive_k2  # type: ignore[attr-defined]
     setattr(engine.state, K2_ATTR, initial_k2(tbtt_step, k2, adaptive))
+    if overlap == "recompute":
+        setattr(engine.state, MERGE_CALLS_ATTR, merge_calls)
     if skip_nonfinite:
         count_skipped_updates(engine)
     if isinstance(k2, ARTBP):
