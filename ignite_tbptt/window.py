@@ -295,6 +295,7 @@ class RecomputeWindow:
         # The kept state sits at this window's start: the previous update kept it at the first later window
         # start, and the next chunk always starts where the schedule expected it.
         hidden = None if self.hidden is None else self.detach(self.hidden)
+        later_starts = self._on_calls(chunk, later_starts)
         next_start = later_starts[0] if later_starts else chunk.stop
         outputs = []
         # The window re-runs in the calls the forward pass made (every chunk, cut where a later window starts), so
@@ -323,6 +324,16 @@ class RecomputeWindow:
         self.factors = {j: f for j, f in self.factors.items() if j > next_start}
         self.calls = [j for j in self.calls if j > next_start]
         return cat_time(outputs, self.dim)
+
+    def _on_calls(self, chunk: Chunk, later_starts: List[int]) -> List[int]:
+        """``later_starts`` with each start before ``chunk`` that falls inside a call the forward pass made moved to
+        that call's end (docs/contract.md, "Carried state"), as :class:`RetainWindow` starts a window at a segment's.
+
+        Such a start was not foreseen when its call ran: a batch whose length is not a multiple of ``k1`` moved the
+        chunk grid of the batches after it. A state there would be a cut the forward pass never made.
+        """
+        made = sorted({self.state_at, *self.calls, chunk.start})
+        return sorted({p if p >= chunk.start else next(c for c in made if c >= p) for p in later_starts})
 
     def _runner(self, hidden: Optional[Hidden]) -> Callable[[List[Tuple[int, int]]], Tuple[Any, Hidden]]:
         """A function running the kept inputs over given spans from ``hidden``: the outputs over them and the last
