@@ -23,7 +23,7 @@ from ignite_tbptt.carry import (
 from ignite_tbptt.distributed import average_gradients, is_ddp
 from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk, stop_requested
 from ignite_tbptt.schedule import (
-    ARTBP, Chunk, RandomLength, Reach, Steps, Window, adaptive_plan, batch_plan, bptt_of, check_positive_int, check_steps,
+    ARTBP, BatchPlan, Chunk, RandomLength, Reach, Steps, Window, bptt_of, check_positive_int, check_steps, plan_batch,
 )
 from ignite_tbptt.sequences import masked_pair
 from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
@@ -290,40 +290,38 @@ def supervised_tbptt_training_step(
         provided = stream.reach if offset else None
         return Reach(overlap, overlap) if provided is None else provided._replace(next_overlap=overlap)
 
-    def plan(engine: Engine, x: Any, y: Any, length: int, offset: int) -> Tuple[List[Chunk], Callable[[Chunk], List[int]]]:
-        """The batch's chunks and their later window starts; the window in steps to ``engine.state.k2``."""
-        if adaptive is None:
-            chunks, later_of, stream.truncations = batch_plan(
-                length, offset, lengths or tbtt_step, artbp or k2, stream.carry, stream.truncations
-            )
-            setattr(engine.state, K2_ATTR, None if artbp is not None else k2)
-            return chunks, later_of
-        reach = adapted_reach(engine, x, y, offset)
-        chunks, later_of, floor = adaptive_plan(length, offset, lengths or tbtt_step, reach, stream.carry)
-        stream.reach = Reach(reach.next_overlap, reach.next_overlap, floor)  # what the next batch's windows may use
-        setattr(engine.state, K2_ATTR, bptt + reach.overlap)
-        return chunks, later_of
+    def plan_of(engine: Engine, x: Any, y: Any, length: int, offset: int) -> BatchPlan:
+        """The batch's plan; what it leaves the next batch's plan is kept in the stream, its window in steps in
+        ``engine.state.k2``."""
+        window = (artbp or k2) if adaptive is None else adapted_reach(engine, x, y, offset)
+        plan = plan_batch(length, offset, lengths or tbtt_step, window, stream.carry, stream.truncations)
+        stream.truncations, stream.reach = plan.truncations, plan.reach
+        setattr(engine.state, K2_ATTR, plan.k2)
+        return plan
 
-    def update(engine: Engine, batch: Any) -> Any:
+    def check_state_once(x: Any, y: Any, length: int) -> None:
+        """``check_state``: check that the model passes its state on, at the first batch longer than one chunk."""
         nonlocal unchecked
-        x, y, info, length = split_batch(batch, dim)
         if unchecked and length > bptt:
             x_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)[0]
             check_state_passing(model, x_t, bptt, model_fn=model_fn, dim=dim, hidden_batch_dim=hidden_batch_dim,
                                 reset_hidden=reset_hidden)
             unchecked = False
-        offset = stream.begin_batch(x, dim, info.position if info is not None else None)
-        info = stream.mark_burn_in(info, length)
-        chunks, later_of = plan(engine, x, y, length, offset)
+
+    def run_plan(
+        engine: Engine, plan: BatchPlan, x: Any, y: Any, info: Any, offset: int, length: int
+    ) -> Tuple[Optional[torch.Tensor], int, List[Any]]:
+        """Train on each chunk of the plan in turn; return the sum of their losses times their weights, the sum of
+        the weights and the kept predictions. A stop or an exception inside the batch ends it there, and the
+        stream and the accumulation group with it."""
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
-        model.train()
         total, total_weight, predictions, done = None, 0, [], 0
         try:
-            for chunk, later, rows, x_c, y_c in batch_chunks(chunks, later_of, x, y, offset, dim):
+            for chunk, later, rows, x_c, y_c in batch_chunks(plan.chunks, plan.later_of, x, y, offset, dim):
                 # A batch that resets, pads or burns in works on the state per sample: its batch axes are checked
                 # at its first chunk, before the first update, rather than at the first reset deep in the batch.
                 check_axes = done == 0 and info is not None and info.gated
-                ran = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed, check_axes)
+                ran = run_chunk(engine, chunk, len(plan.chunks), later, x_c, y_c, info, rows, distributed, check_axes)
                 if ran is None:
                     break
                 y_pred, loss, weight = ran
@@ -336,10 +334,20 @@ def supervised_tbptt_training_step(
                     predictions.append(y_pred)
                 if stop_requested(engine):
                     break
-        finally:  # a stop or an exception inside the batch ends it there, the stream and the group with it
-            stream.end_batch(length, complete=done == len(chunks))
-            if done < len(chunks):
+        finally:
+            stream.end_batch(length, complete=done == len(plan.chunks))
+            if done < len(plan.chunks):
                 drop_group()
+        return total, total_weight, predictions
+
+    def update(engine: Engine, batch: Any) -> Any:
+        x, y, info, length = split_batch(batch, dim)
+        check_state_once(x, y, length)
+        offset = stream.begin_batch(x, dim, info.position if info is not None else None)
+        info = stream.mark_burn_in(info, length)
+        plan = plan_of(engine, x, y, length, offset)
+        model.train()
+        total, total_weight, predictions = run_plan(engine, plan, x, y, info, offset, length)
         if tally is not None:
             tally.add(total_weight, stream.position if stream.carry else length)
         y_pred = cat_time(predictions, dim) if predictions else None
