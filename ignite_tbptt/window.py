@@ -199,7 +199,7 @@ def _perturbed(model: Any, check: Callable[[], bool]) -> bool:
         with torch.no_grad():
             for p in params:
                 noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
-                p.add_((noise * (0.1 * float(p.abs().mean()) + 0.01)).to(p.dtype).to(p.device))
+                p.add_((noise * (0.1 * float(p.abs().mean()) + 0.01)).to(device=p.device, dtype=p.dtype))
         return check()
     finally:
         with torch.no_grad():
