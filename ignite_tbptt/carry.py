@@ -229,6 +229,8 @@ class _CarriedStateEngineMixin:
         if self._in_batch:
             refuse_mid_batch(self)  # type: ignore[arg-type]
         saved = super().state_dict()  # type: ignore[misc]
+        if self.last_event_name == Events.ITERATION_STARTED and saved["iteration"]:  # type: ignore[attr-defined]
+            saved["iteration"] -= 1  # Ignite counts the batch before it trains: a resume must train it
         saved[CARRIED_STATE_KEY] = self.carried_state.state_dict()
         for key, draws in self.draws.items():
             saved[key] = draws.state_dict()

@@ -39,6 +39,7 @@ def continue_after_exception(engine: Engine) -> None:
     engine._internal_run_generator = None  # type: ignore[attr-defined]
     if engine.last_event_name == Events.ITERATION_STARTED and state.iteration:
         state.iteration -= 1
+        engine.last_event_name = None  # counted back once: a state_dict() now saves the iteration as it is
     if state.epoch_length:
         state.epoch = state.iteration // state.epoch_length
     if engine._is_done(state):
