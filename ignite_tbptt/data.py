@@ -131,8 +131,8 @@ class _InMemory:
 
 
 class _FromFile:
-    """Token documents in a file: every batch reads its own steps (``+ 1`` for the targets) from the map, then
-    lets go of the map's pages."""
+    """Token documents in a file: every batch reads its own steps (``+ 1`` for the targets), then checks that the
+    file did not change."""
 
     next_step = True
 
@@ -147,7 +147,7 @@ class _FromFile:
             shape = (layout.rows, length + 1) if batch_first else (length + 1, layout.rows)
             out = np.empty(shape, dtype=np.int64)
             steps = torch.from_numpy(_fill(out, layout, start, start + length + 1, self.tokens.read, batch_first))
-            self.tokens.release()  # the resident set holds at most the pages of one batch
+            self.tokens.check()  # the batch was read from the file that was indexed
             return steps.narrow(axis, 0, length), steps.narrow(axis, 1, length)
 
         return cut
@@ -291,7 +291,7 @@ class StreamBatches:
         """Batches of token documents in a flat binary file, read batch by batch: for corpora larger than memory.
 
         The file holds token ids of ``dtype`` (``"uint8"``, ``"uint16"`` or ``"int32"``) end to end, read
-        through a read-only ``numpy.memmap``. The documents are given by ``offsets``, the first token of each
+        with ``os.pread``, batch by batch. The documents are given by ``offsets``, the first token of each
         (the first 0: a list, an array, a tensor, or a ``.npy`` file's path), or by a ``separator`` token id,
         which is dropped (the documents are the runs between separators), or the file is one document. With
         ``vocab_size`` every token id is checked to be in ``[0, vocab_size)``, reading the file in chunks;
