@@ -292,7 +292,7 @@ class DeterministicTbpttEngine(_CarriedStateEngineMixin, DeterministicEngine):
 
     def __init__(self, process_function: Callable) -> None:
         super().__init__(process_function)
-        self._keep_seed = False  # the run's seed stands: run() again, or a checkpoint that saved it
+        self._keep_seed = False  # the next run() keeps the seed: after an exception, terminate() or loading one
         self.add_event_handler(Events.TERMINATE, self._keep_random_states)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
@@ -310,9 +310,9 @@ class DeterministicTbpttEngine(_CarriedStateEngineMixin, DeterministicEngine):
         self._keep_random_states()
 
     def _init_run(self) -> None:
-        if self._keep_seed and getattr(self.state, "seed", None) is not None:
-            return
-        super()._init_run()
+        keep, self._keep_seed = self._keep_seed, False  # for this run only: a later fresh run draws its own
+        if not (keep and getattr(self.state, "seed", None) is not None):
+            super()._init_run()
 
     def _setup_engine(self) -> None:
         data = self.state.dataloader
