@@ -15,7 +15,7 @@ from torch import nn
 
 from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
-from ignite_tbptt.batches import batch_chunks, batch_size_of, chunk_sequence, split_batch
+from ignite_tbptt.batches import NothingToTrain, batch_chunks, batch_size_of, checked_loss, chunk_sequence, split_batch
 from ignite_tbptt.checks import check_state_passing
 from ignite_tbptt.carry import (
     CHUNK_LENGTHS_KEY, TRUNCATION_DRAWS_KEY, CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine,
@@ -25,11 +25,12 @@ from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_c
 from ignite_tbptt.schedule import (
     ARTBP, BatchPlan, Chunk, RandomLength, Reach, Steps, Window, bptt_of, check_positive_int, check_steps, plan_batch,
 )
-from ignite_tbptt.sequences import masked_pair
+from ignite_tbptt.lifecycle import options_of
+from ignite_tbptt.sequences import clear_padding, masked_pair
 from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
 from ignite_tbptt.updates import (
-    SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, AccumulationGroup, BurnInTally, all_finite, count_skipped_updates, count_window_lengths, found_inf,
-    scaled_learning_rate,
+    SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, AccumulationGroup, BurnInTally, all_finite, count_skipped_updates, count_window_lengths,
+    scaled_learning_rate, scaler_step,
 )
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
 
@@ -204,11 +205,8 @@ def supervised_tbptt_training_step(
         if clip_grad_norm is not None:
             engine.state.grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         if scaler is not None:
-            with scaled_learning_rate(optimizer, factor):
-                scaler.step(optimizer)  # skips the step itself where its inf check found a non-finite gradient
-            if skip_nonfinite and bool(found_inf(scaler, optimizer)):
+            if not scaler_step(scaler, optimizer, factor, skip_nonfinite):
                 skip_update(engine)
-            scaler.update()
         elif skip_nonfinite and not update_is_finite(engine, loss_ok, distributed):
             skip_update(engine)
         else:
@@ -240,6 +238,7 @@ def supervised_tbptt_training_step(
         ``check_axes``, the state's batch axes are checked after the forward pass, before any update.
         """
         x_t, y_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)
+        x_t = clear_padding(x_t, info, rows, dim)
         gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
         start_chunk(engine, chunk, num_chunks, weight)
         if stop_requested(engine):
@@ -257,7 +256,7 @@ def supervised_tbptt_training_step(
                 report_merge(engine)
             if check_axes:
                 state.check(window.hidden, batch_size_of(x_t, dim))
-            loss = loss_fn(*masked_pair(y_pred, y_t, valid, dim)) if weight else None
+            loss = checked_loss(loss_fn(*masked_pair(y_pred, y_t, valid, dim))) if weight else None
         backward(loss, weight, chunk.length)
         if monitor_state_grads:
             norms = window.state_grad_norms
@@ -265,6 +264,7 @@ def supervised_tbptt_training_step(
         if count % accumulate == 0:
             optimizer_step(engine, distributed)
         engine.state.output = loss.detach() if loss is not None else torch.zeros((), device=x_t.device)
+        stream.chunk_trained(chunk)
         fire(engine, Tbptt_Events.TIME_ITERATION_COMPLETED)
         # Only detached predictions leave: a y_pred still attached would keep this chunk's autograd graph alive
         # through the next chunk's forward pass, whose graph then fills fresh memory instead of the cache-warm
@@ -272,6 +272,7 @@ def supervised_tbptt_training_step(
         return detached(y_pred) if keep_predictions else None, engine.state.output, weight
 
     unchecked = check_state  # the state-passing check runs on the first batch longer than one chunk
+    nothing = NothingToTrain()
     tally = BurnInTally(burn_in) if burn_in else None
 
     def adapted_reach(engine: Engine, x: Any, y: Any, offset: int) -> Reach:
@@ -335,8 +336,9 @@ def supervised_tbptt_training_step(
                 if stop_requested(engine):
                     break
         finally:
-            stream.end_batch(length, complete=done == len(plan.chunks))
-            if done < len(plan.chunks):
+            complete = stream.batch_complete(plan.chunks)
+            stream.end_batch(length, complete)
+            if not complete:
                 drop_group()
         return total, total_weight, predictions
 
@@ -348,6 +350,7 @@ def supervised_tbptt_training_step(
         plan = plan_of(engine, x, y, length, offset)
         model.train()
         total, total_weight, predictions = run_plan(engine, plan, x, y, info, offset, length)
+        nothing.check(x, info, dim, engine.state.iteration)
         if tally is not None:
             tally.add(total_weight, stream.position if stream.carry else length)
         y_pred = cat_time(predictions, dim) if predictions else None
@@ -544,6 +547,11 @@ def create_supervised_tbptt_trainer(
     )
     engine = tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
     adaptive = engine.adaptive_k2 = step.adaptive_k2  # type: ignore[attr-defined]
+    # What a checkpoint must agree on to be loaded (the options that shape the stream and what is saved of it).
+    engine.options = options_of(  # type: ignore[attr-defined]
+        tbtt_step=tbtt_step, k2=k2, overlap=overlap, dim=dim, carry_state=carry_state, burn_in=burn_in,
+        gradient_accumulation_steps=gradient_accumulation_steps, deterministic=deterministic,
+    )
     setattr(engine.state, K2_ATTR, initial_k2(tbtt_step, k2, adaptive))
     if overlap == "recompute":
         setattr(engine.state, MERGE_CALLS_ATTR, merge_calls)
