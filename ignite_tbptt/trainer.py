@@ -505,7 +505,7 @@ def create_supervised_tbptt_trainer(
             starts). Merged is the same gradient only for a model whose output does not depend on where the stream
             is cut into calls (``nn.RNN``/``GRU``/``LSTM`` and their cells; a Transformer-XL memory does depend),
             and faster for fused kernels at small ``k1``. ``None`` (default): the trainer finds out, once, at the
-            first window that merging would change: it runs that window both ways without gradient and with
+            first window that merging would change: it runs that window both ways (no backward pass) with
             dropout off, at the current parameters and at perturbed ones, and merges from then on if outputs and
             final state agree within the dtype's tolerance (a model with batch norm keeps the calls). The answer
             is ``engine.state.merge_calls`` (``None`` until then), with a log line. ``True`` or ``False`` forces it.

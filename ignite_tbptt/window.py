@@ -161,8 +161,8 @@ def merging_changes_nothing(
 ) -> bool:
     """Whether ``model`` gives the same outputs and final state run over ``merged`` spans as over ``spans``.
 
-    ``run(spans)`` runs a window's steps in one call per span without gradient and returns the outputs and the
-    last state. Both runs go with dropout off (``eval()``, every module's mode restored after), once at the
+    ``run(spans)`` runs a window's steps in one call per span and returns the outputs and the last state (no
+    backward pass follows). Both runs go with dropout off (``eval()``, every module's mode restored after), once at the
     current parameters and once at parameters moved by seeded noise (restored bit for bit after), so that a
     model that is cut-dependent only once trained (a zero-initialised attention branch) shows it now. The runs
     agree when every leaf agrees within :data:`MERGE_TOLERANCE` of its dtype. A model with running statistics
@@ -337,15 +337,21 @@ class RecomputeWindow:
 
     def _runner(self, hidden: Optional[Hidden]) -> Callable[[List[Tuple[int, int]]], Tuple[Any, Hidden]]:
         """A function running the kept inputs over given spans from ``hidden``: the outputs over them and the last
-        state, without gradient (what :func:`merging_changes_nothing` compares)."""
+        state, cut from their graph (what :func:`merging_changes_nothing` compares).
+
+        It runs as the training forward pass does, gradients on and checkpointed where asked, so that a model
+        whose kernel without gradients differs (SRU's takes float32 only) runs the code it trains with; the
+        graph is freed at once, never backpropagated.
+        """
 
         def run(spans: List[Tuple[int, int]]) -> Tuple[Any, Hidden]:
             state, outputs = hidden, []
-            with torch.no_grad():
+            with torch.enable_grad():
                 for a, b in spans:
-                    y_pred, state = self.gates.run(self._call, self.inputs.over(a, b), state, a)
+                    y_pred, state = run_span(self.gates, self._call, self.inputs.over(a, b), state, a,
+                                             bool(self.checkpoint_every))
                     outputs.append(y_pred)
-            return cat_time(outputs, self.dim), state
+            return detached(cat_time(outputs, self.dim)), detached(state)
 
         return run
 

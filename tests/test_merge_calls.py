@@ -108,6 +108,27 @@ def test_merged_calls_are_fewer_and_forcing_either_way_is_obeyed():
     assert trainer.state.merge_calls is True  # forced: even where it changes the forward pass
 
 
+class GradientsOnly(nn.Module):
+    """An LSTM whose kernel without gradients is missing, as SRU's takes float32 only: the check must run the code
+    the model trains with."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model("LSTM")
+
+    def forward(self, x, hidden=None):
+        if not torch.is_grad_enabled():
+            raise RuntimeError("no kernel without gradients")
+        return self.net(x, hidden)
+
+
+def test_the_check_runs_as_training_does():
+    x, y = make_data(12)
+    trainer = _trainer(GradientsOnly(), 2, 7)
+    trainer.run([(x, y)])
+    assert trainer.state.merge_calls is True
+
+
 def test_the_choice_is_logged_once(caplog):
     x, y = make_data(12)
     trainer = _trainer(make_model("GRU"), 2, 6)
