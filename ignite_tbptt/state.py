@@ -12,14 +12,19 @@ leaves, or a structure of ints matching the hidden). A reset defaults to zeros, 
 so that a NaN or inf state is cleared too and no gradient flows back past it; a model whose fresh state is not
 zeros passes ``reset_hidden=fn(hidden, keep)``. The trainer never changes a leaf in place, and
 :func:`call_model_checked` refuses a model that does.
+
+The state the trainer keeps is the trainer's: :func:`call_model_checked` hands the model containers of its
+own, so that a model that writes into the list or dict it is given (``caches[i] = ...``) cannot change the
+state kept at a window start. ``None`` and non-tensor leaves (an optional memory not yet filled, a Python int)
+are carried as they are; every tensor leaf, integer ones included, is reset and held per sample.
 """
 
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
 
-__all__ = ["BatchDims", "ResetFn", "StateProtocol", "call_model_checked", "reset_to_zeros"]
+__all__ = ["BatchDims", "ResetFn", "StateProtocol", "call_model_checked", "detach_state", "reset_to_zeros"]
 
 Hidden = Any
 #: ``hidden_batch_dim``: one int for every leaf, or a structure of ints matching the hidden state.
@@ -35,6 +40,23 @@ def _leaf_name(path: Tuple[Any, ...]) -> str:
 def named_leaves(hidden: Hidden) -> List[Tuple[str, Any]]:
     """The hidden state's leaves with their names as Python would index them (``hidden['ssm']``)."""
     return [(_leaf_name(path), leaf) for path, leaf in tree_flatten_with_path(hidden)[0]]
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], hidden: Hidden) -> Hidden:
+    """``hidden`` in new containers, with ``fn`` applied to every tensor leaf; ``None`` and other leaves kept.
+
+    Ignite's ``apply_to_tensor`` refuses a ``None`` leaf, which a model with an optional memory returns.
+    """
+    return tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, hidden)
+
+
+def detach_state(hidden: Hidden) -> Hidden:
+    """A state (any nesting of tensors, ``None`` and other leaves) cut from its graph, in new containers.
+
+    >>> detach_state({"h": torch.ones(1, requires_grad=True) * 2, "mem": None, "step": 3})
+    {'h': tensor([2.]), 'mem': None, 'step': 3}
+    """
+    return map_tensors(torch.Tensor.detach, hidden)
 
 
 def check_batch_dims(batch_dims: BatchDims) -> BatchDims:
@@ -59,7 +81,8 @@ def _batch_axis(t: torch.Tensor, name: str, batch_dim: int, batch_size: int) -> 
 
 
 def reset_to_zeros(hidden: Hidden, keep: torch.Tensor, protocol: "StateProtocol") -> Hidden:
-    """The default reset: the samples where ``keep`` is ``False`` get zeros in every floating leaf.
+    """The default reset: the samples where ``keep`` is ``False`` get zeros in every tensor leaf, integer and
+    boolean ones (a step counter, a filled-slot flag) included.
 
     ``torch.where`` rather than a product: ``nan * 0`` is ``nan``, so a product would keep a non-finite state
     and send a ``nan`` gradient back past the reset.
@@ -77,7 +100,8 @@ class StateProtocol:
     Args:
         batch_dim: the batch axis of every tensor leaf of the hidden state: one int for all (``-2`` fits
             ``nn.RNN``/``GRU``/``LSTM`` and the cells), or a structure of ints matching the hidden, such as
-            ``{"ssm": 0, "conv": 0}``. Leaves that are not floating tensors are passed on untouched.
+            ``{"ssm": 0, "conv": 0}``. Leaves that are not tensors (``None``, a Python int) are passed on
+            untouched; integer tensors are reset and held as floating ones are.
         reset: ``reset(hidden, keep) -> hidden``, the state with the samples where ``keep`` (a ``(B,)`` bool
             tensor on the state's device) is ``False`` started afresh and the others unchanged; ``None``: zeros.
             It must cut the gradient of the fresh samples (``torch.where`` does) and may change no leaf in place.
@@ -108,7 +132,7 @@ class StateProtocol:
         return dims
 
     def per_sample(self, fn: Callable[..., torch.Tensor], hidden: Hidden, vector: torch.Tensor, *others: Hidden) -> Hidden:
-        """``fn(leaf, v, *other_leaves)`` on every floating leaf, ``v`` the ``(B,)`` ``vector`` shaped to broadcast
+        """``fn(leaf, v, *other_leaves)`` on every tensor leaf, ``v`` the ``(B,)`` ``vector`` shaped to broadcast
         along that leaf's batch axis; other leaves pass through. ``others`` are states of the same structure."""
         named = named_leaves(hidden)
         leaves, spec = tree_flatten(hidden)
@@ -117,7 +141,7 @@ class StateProtocol:
             raise ValueError("the model returned a hidden state of another structure than the one it was given")
         out = []
         for i, ((name, t), dim) in enumerate(zip(named, self._dims(hidden, len(leaves)))):
-            if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            if not isinstance(t, torch.Tensor):
                 out.append(t)
                 continue
             axis = _batch_axis(t, name, dim, vector.shape[0])
@@ -158,15 +182,15 @@ class StateProtocol:
         return self.per_sample(held, hidden, cut)
 
     def batch_size(self, hidden: Hidden) -> int:
-        """The batch size read off the first floating leaf at its batch axis."""
+        """The batch size read off the first tensor leaf at its batch axis."""
         leaves = tree_flatten(hidden)[0]
         for t, dim in zip(leaves, self._dims(hidden, len(leaves))):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and -t.dim() <= dim < t.dim():
+            if isinstance(t, torch.Tensor) and t.dim() and -t.dim() <= dim < t.dim():
                 return t.shape[dim]
-        raise ValueError("the hidden state has no floating tensor with a batch axis at hidden_batch_dim")
+        raise ValueError("the hidden state has no tensor with a batch axis at hidden_batch_dim")
 
     def check(self, hidden: Optional[Hidden], batch_size: int) -> None:
-        """A ``ValueError`` naming the first floating leaf without a batch axis of ``batch_size`` where
+        """A ``ValueError`` naming the first tensor leaf without a batch axis of ``batch_size`` where
         ``hidden_batch_dim`` says: checked before the first update of a batch that resets, pads or burns in."""
         if hidden is None:
             return
@@ -186,16 +210,25 @@ def _versions(hidden: Optional[Hidden]) -> Sequence[Tuple[torch.Tensor, int]]:
     return [(t, t._version) for t in tree_flatten(hidden)[0] if isinstance(t, torch.Tensor)]
 
 
+def own_containers(hidden: Optional[Hidden]) -> Optional[Hidden]:
+    """``hidden`` in containers of its own (the same leaves): what a model writes into them stays there."""
+    leaves, spec = tree_flatten(hidden)
+    return tree_unflatten(leaves, spec)
+
+
 def call_model_checked(call: Callable[[Any, Optional[Hidden]], Any], x: Any, hidden: Optional[Hidden]) -> Any:
     """``call(x, hidden)``, refused with a ``ValueError`` naming the leaf if the model changed ``hidden`` in place.
 
     The state handed to the model is shared with what the trainer keeps (the start of the next window, a
     retained graph's saved tensors): a leaf changed in place would corrupt them and give a wrong gradient. Each
-    tensor's version counter tells, at the cost of reading it.
+    tensor's version counter tells, at the cost of reading it. The containers are another matter: a model may
+    write into the list it is given (mambapy's ``Mamba.step`` assigns ``caches[i] = ...``), which no version
+    counter sees. So the model gets containers of its own, and the state it returns is moved into new ones
+    too, in case the model keeps and fills them later; the leaves are shared, and nothing is copied.
     """
     before = _versions(hidden)
     try:
-        out = call(x, hidden)
+        out = call(x, own_containers(hidden))
     except RuntimeError as error:  # autograd refuses in-place changes to a state leaf that collects a gradient
         if "leaf Variable that requires grad is being used in an in-place operation" not in str(error):
             raise
@@ -204,6 +237,8 @@ def call_model_checked(call: Callable[[Any, Optional[Hidden]], Any], x: Any, hid
     for i, (t, version) in enumerate(before):
         if t._version != version:
             raise ValueError(_changed_in_place([n for n, leaf in named_leaves(hidden) if isinstance(leaf, torch.Tensor)][i]))
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return out[0], own_containers(out[1])
     return out
 
 

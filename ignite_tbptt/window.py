@@ -25,14 +25,13 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from ignite.utils import apply_to_tensor
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from ignite_tbptt.schedule import Chunk, checkpoint_cuts, segment_spans
 from ignite_tbptt.sequences import Gate, GateTrack, run_gated
-from ignite_tbptt.state import StateProtocol, call_model_checked
+from ignite_tbptt.state import StateProtocol, call_model_checked, detach_state, map_tensors
 
 __all__ = ["default_model_fn", "RecomputeWindow", "RetainWindow"]
 
@@ -70,7 +69,7 @@ def cat_time(pieces: List[Any], dim: int) -> Any:
 
 def detached(value: Any) -> Any:
     """A state, inputs or parameters (any nesting of tensors, or ``None``) cut from their graph, for saving."""
-    return None if value is None else apply_to_tensor(value, torch.Tensor.detach)
+    return detach_state(value)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -99,7 +98,7 @@ def compensated(hidden: Any, factor: float) -> Any:
     if factor == 1.0 or hidden is None:
         return hidden
     scale = lambda t: _ScaleGrad.apply(t, factor) if t.requires_grad else t  # noqa: E731
-    return apply_to_tensor(hidden, scale)
+    return map_tensors(scale, hidden)
 
 
 def run_span(gates: GateTrack, forward: Callable, x: torch.Tensor, hidden: Any, start: int, checkpointed: bool) -> Any:
