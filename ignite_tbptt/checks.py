@@ -19,11 +19,36 @@ from ignite_tbptt.batches import batch_size_of
 from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol, named_leaves
 from ignite_tbptt.window import call_model, default_model_fn
 
-__all__ = ["check_state_passing"]
+__all__ = ["check_output_length", "check_state_passing"]
 
 
 def _time_leaves(out: Any, dim: int) -> List[torch.Tensor]:
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.dim() > dim]
+
+
+def check_output_length(y_pred: Any, x: torch.Tensor, dim: int) -> None:
+    """A ``ValueError`` naming both lengths if an output of the model does not cover its input chunk's steps.
+
+    The loss of a chunk pairs ``y_pred`` with ``y`` step by step. A model that returns fewer steps than it was
+    given (minGRU-pytorch's ``minLM`` keeps only the last token once it is given a state) would fail inside the
+    user's loss with a batch-size mismatch, or, with a loss that broadcasts, train on the wrong pairs. Every
+    tensor of ``y_pred`` with a time axis ``dim`` must have the chunk's length there.
+
+    >>> check_output_length(torch.zeros(1, 2, 5), torch.zeros(4, 2, 3), dim=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: the model returned an output of 1 time steps (shape (1, 2, 5)) for an input chunk of 4 steps ...
+    """
+    steps = x.shape[dim]
+    for t in _time_leaves(y_pred, dim):
+        if t.shape[dim] != steps:
+            raise ValueError(
+                f"the model returned an output of {t.shape[dim]} time steps (shape {tuple(t.shape)}) for an input "
+                f"chunk of {steps} steps (shape {tuple(x.shape)}) along dim={dim}: the loss pairs every output step "
+                "with a target step, so the model must return one output per input step (a model that returns only "
+                "the last step once it is given a state, as minGRU-pytorch's minLM does, needs a model_fn that "
+                "asks it for all of them)"
+            )
 
 
 def _perturbed(hidden: Any, generator: torch.Generator, only: Optional[int] = None) -> Any:
@@ -136,7 +161,12 @@ def check_state_passing(
 
 
 def _outputs(model_fn: Callable, model: Any, x: torch.Tensor, hidden: Any, dim: int) -> List[torch.Tensor]:
-    return _time_leaves(call_model(model_fn, model, x, hidden)[0], dim)
+    y_pred = call_model(model_fn, model, x, hidden)[0]
+    try:
+        check_output_length(y_pred, x, dim)
+    except ValueError as error:
+        raise AssertionError(str(error)) from None
+    return _time_leaves(y_pred, dim)
 
 
 def _same(a: List[torch.Tensor], b: List[torch.Tensor], rtol: float, atol: float) -> bool:

@@ -19,12 +19,15 @@ state kept at a window start. ``None`` and non-tensor leaves (an optional memory
 are carried as they are; every tensor leaf, integer ones included, is reset and held per sample.
 """
 
+import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
 
-__all__ = ["BatchDims", "ResetFn", "StateProtocol", "call_model_checked", "detach_state", "reset_to_zeros"]
+__all__ = [
+    "BatchDims", "DetachedStateCheck", "ResetFn", "StateProtocol", "call_model_checked", "detach_state", "reset_to_zeros",
+]
 
 Hidden = Any
 #: ``hidden_batch_dim``: one int for every leaf, or a structure of ints matching the hidden state.
@@ -240,6 +243,49 @@ def call_model_checked(call: Callable[[Any, Optional[Hidden]], Any], x: Any, hid
     if isinstance(out, (tuple, list)) and len(out) == 2:
         return out[0], own_containers(out[1])
     return out
+
+
+class DetachedStateCheck:
+    """One warning if the model returns its state without a graph while the window is longer than its chunk.
+
+    ``k2 > k1`` backpropagates a chunk's loss through the state into the steps before the chunk. A model that
+    detaches the state it returns (x-transformers' ``detach_mems=True``, its default) stops that gradient at
+    every call: each update is then the one of ``k2 = k1``, and ``recompute`` still pays for the longer
+    window. A state computed under autograd with a graph has a floating leaf that takes a gradient; the check
+    reads that flag on the state the window kept after a chunk, until the first state that tells.
+
+    Args:
+        active: whether a window may reach past its chunk (``k2 > k1``, ``ARTBP``, ``AdaptiveK2``).
+
+    >>> check = DetachedStateCheck(active=True)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     check(torch.ones(2, 3), stale=False)
+    >>> "k2 > tbtt_step has no effect" in str(caught[0].message), check.pending
+    (True, False)
+    """
+
+    def __init__(self, active: bool) -> None:
+        self.pending = active
+
+    def __call__(self, hidden: Optional[Hidden], stale: bool) -> None:
+        """Look at ``hidden``, the state kept after a chunk; ``stale``: it tells nothing, as part of the chunk ran
+        without a graph (burn-in or padding for every sample) or the state was kept before the chunk."""
+        if not self.pending or stale or not torch.is_grad_enabled():
+            return
+        floating = [t for t in tree_flatten(hidden)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not floating:
+            return
+        self.pending = False
+        if not any(t.requires_grad for t in floating):
+            warnings.warn(
+                "k2 > tbtt_step has no effect on this model: the state it returns has no gradient path back to the "
+                "state it was given (it is detached inside the model, as x-transformers' detach_mems=True does), so "
+                "the gradient stops at every model call: every update backpropagates through its own chunk only, "
+                'exactly as with k2 = tbtt_step, and overlap="recompute" still runs the longer window forward. '
+                "Return the state with its graph (x-transformers: detach_mems=False) or leave k2 at tbtt_step",
+                UserWarning, stacklevel=3,
+            )
 
 
 def _changed_in_place(name: str) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
 from ignite_tbptt.batches import batch_chunks, batch_size_of, chunk_sequence, split_batch
-from ignite_tbptt.checks import check_state_passing
+from ignite_tbptt.checks import check_output_length, check_state_passing
 from ignite_tbptt.carry import (
     CHUNK_LENGTHS_KEY, TRUNCATION_DRAWS_KEY, CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine,
 )
@@ -26,7 +26,7 @@ from ignite_tbptt.schedule import (
     ARTBP, Chunk, RandomLength, Reach, Steps, Window, adaptive_plan, batch_plan, bptt_of, check_positive_int, check_steps,
 )
 from ignite_tbptt.sequences import masked_pair
-from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
+from ignite_tbptt.state import BatchDims, DetachedStateCheck, ResetFn, StateProtocol
 from ignite_tbptt.updates import (
     SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, AccumulationGroup, BurnInTally, all_finite, count_skipped_updates, count_window_lengths, found_inf,
     scaled_learning_rate,
@@ -238,6 +238,9 @@ def supervised_tbptt_training_step(
             optimizer.zero_grad()
         with autocast():
             y_pred = window.forward(chunk, later, x_t, gates)
+            check_output_length(y_pred, x_t, dim)
+            # The kept state tells only where this chunk computed it with a graph (recompute may keep an older one).
+            detached_state(window.hidden, any(g.frozen for g in gates) or getattr(window, "state_at", chunk.stop) <= chunk.start)
             if check_axes:
                 state.check(window.hidden, batch_size_of(x_t, dim))
             loss = loss_fn(*masked_pair(y_pred, y_t, valid, dim)) if weight else None
@@ -255,6 +258,7 @@ def supervised_tbptt_training_step(
         return detached(y_pred) if keep_predictions else None, engine.state.output, weight
 
     unchecked = check_state  # the state-passing check runs on the first batch longer than one chunk
+    detached_state = DetachedStateCheck(artbp is not None or adaptive is not None or k2 > bptt)
     tally = BurnInTally(burn_in) if burn_in else None
 
     def adapted_reach(engine: Engine, x: Any, y: Any, offset: int) -> Reach:
