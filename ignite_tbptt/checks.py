@@ -9,17 +9,17 @@ such a model is trained faithfully as it runs in chunks, and the check says so w
 """
 
 import warnings
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ignite_tbptt.batches import batch_size_of
-from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol, named_leaves
+from ignite_tbptt.state import DEFAULT_BATCH_DIM, BatchDims, ResetFn, StateProtocol, named_leaves
 from ignite_tbptt.window import call_model, default_model_fn
 
-__all__ = ["check_output_length", "check_state_passing"]
+__all__ = ["batch_axis_probe", "check_output_length", "check_state_passing"]
 
 
 def _time_leaves(out: Any, dim: int) -> List[torch.Tensor]:
@@ -49,6 +49,24 @@ def check_output_length(y_pred: Any, x: torch.Tensor, dim: int) -> None:
                 "the last step once it is given a state, as minGRU-pytorch's minLM does, needs a model_fn that "
                 "asks it for all of them)"
             )
+
+
+@torch.no_grad()
+def batch_axis_probe(model: Any, model_fn: Callable, x: torch.Tensor, dim: int) -> Tuple[Any, Any]:
+    """The states the model returns for ``x`` and for ``x`` with its samples rolled by one, from a fresh start.
+
+    :meth:`~ignite_tbptt.state.StateProtocol.check` reads a leaf's batch axis off them where its size alone
+    cannot tell. Two calls without gradients, in eval mode (dropout would move every axis), the mode restored.
+    """
+    batch_axis = 1 if dim % x.dim() == 0 else 0
+    training = model.training if isinstance(model, nn.Module) else None
+    if training:
+        model.eval()
+    try:
+        return tuple(call_model(model_fn, model, xs, None)[1] for xs in (x, x.roll(1, batch_axis)))
+    finally:
+        if training:
+            model.train()
 
 
 def _perturbed(hidden: Any, generator: torch.Generator, only: Optional[int] = None) -> Any:
@@ -154,7 +172,7 @@ def check_state_passing(
         _check(model, model_fn, x, tbtt_step, dim, length, rtol, atol)
         if hidden_batch_dim is not None or reset_hidden is not None:
             _check_protocol(model, model_fn, x, tbtt_step, dim, StateProtocol(
-                -2 if hidden_batch_dim is None else hidden_batch_dim, reset_hidden), rtol, atol)
+                DEFAULT_BATCH_DIM if hidden_batch_dim is None else hidden_batch_dim, reset_hidden), rtol, atol)
     finally:
         if training:
             model.train()
@@ -240,7 +258,7 @@ def _check_protocol(
     x0, x1 = x.narrow(dim, 0, k1), x.narrow(dim, k1, min(k1, x.shape[dim] - k1))
     state = call_model(model_fn, model, x0, None)[1]
     try:
-        protocol.check(state, batch_size_of(x, dim))
+        protocol.check(state, batch_size_of(x, dim), probe=lambda: batch_axis_probe(model, model_fn, x0, dim))
     except ValueError as error:
         raise AssertionError(str(error)) from None
     if not _same(_outputs(model_fn, model, x1, None, dim), _outputs(model_fn, model, x1, protocol.fresh_like(state), dim), rtol, atol):

@@ -26,7 +26,8 @@ import torch
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
 
 __all__ = [
-    "BatchDims", "DetachedStateCheck", "ResetFn", "StateProtocol", "call_model_checked", "detach_state", "reset_to_zeros",
+    "DEFAULT_BATCH_DIM", "BatchDims", "DetachedStateCheck", "ResetFn", "StateProtocol", "call_model_checked",
+    "detach_state", "reset_to_zeros",
 ]
 
 Hidden = Any
@@ -34,6 +35,14 @@ Hidden = Any
 BatchDims = Any
 #: ``reset_hidden(hidden, keep) -> hidden``: the state with the samples where ``keep`` is ``False`` fresh.
 ResetFn = Callable[[Hidden, torch.Tensor], Hidden]
+
+
+class _DefaultAxis(int):
+    """``-2``, the default ``hidden_batch_dim``, told apart from a ``-2`` the user gave: a guess, not a fact."""
+
+
+#: The default ``hidden_batch_dim``: ``-2``, which fits ``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` and their cells.
+DEFAULT_BATCH_DIM = _DefaultAxis(-2)
 
 
 def _leaf_name(path: Tuple[Any, ...]) -> str:
@@ -117,10 +126,11 @@ class StateProtocol:
         [3.0, 0.0]
     """
 
-    def __init__(self, batch_dim: BatchDims = -2, reset: Optional[ResetFn] = None) -> None:
+    def __init__(self, batch_dim: BatchDims = DEFAULT_BATCH_DIM, reset: Optional[ResetFn] = None) -> None:
         if reset is not None and not callable(reset):
             raise TypeError(f"reset_hidden must be a function reset_hidden(hidden, keep) -> hidden, got {reset!r}")
         self.batch_dim, self.reset_fn = check_batch_dims(batch_dim), reset
+        self.settled = False  # whether check() has established the batch axes of ambiguous leaves
 
     def _dims(self, hidden: Hidden, count: int) -> List[int]:
         """One batch axis per leaf of ``hidden`` (``count`` leaves)."""
@@ -192,12 +202,52 @@ class StateProtocol:
                 return t.shape[dim]
         raise ValueError("the hidden state has no tensor with a batch axis at hidden_batch_dim")
 
-    def check(self, hidden: Optional[Hidden], batch_size: int) -> None:
+    def check(self, hidden: Optional[Hidden], batch_size: int, probe: Optional[Callable[[], Tuple[Hidden, Hidden]]] = None) -> None:
         """A ``ValueError`` naming the first tensor leaf without a batch axis of ``batch_size`` where
-        ``hidden_batch_dim`` says: checked before the first update of a batch that resets, pads or burns in."""
+        ``hidden_batch_dim`` says: checked before the first update of a batch that resets, pads or burns in.
+
+        A size alone does not make an axis the batch axis: a memory ``(B, n_mem, d)`` with ``n_mem == B`` has
+        two. Where a leaf has another axis of the batch's size, ``probe()`` (once per protocol) gives the state
+        of the same input run as it is and with its samples rolled by one, and the batch axis is the one along
+        which the state rolls with them. It must be ``hidden_batch_dim``'s, else a ``ValueError`` names the one
+        it is; where the probe cannot tell (samples that give the same state), a default ``hidden_batch_dim`` is
+        not trusted either, and the ``ValueError`` asks for it.
+        """
         if hidden is None:
             return
         self.per_sample(lambda t, v: t, hidden, torch.ones(batch_size, dtype=torch.bool))
+        if probe is None or self.settled or batch_size < 2:
+            return
+        ambiguous = [(i, name, t) for i, (name, t) in enumerate(named_leaves(hidden))
+                     if isinstance(t, torch.Tensor) and sum(n == batch_size for n in t.shape) > 1]
+        if not ambiguous:
+            return
+        plain, rolled = (tree_flatten(h)[0] for h in probe())
+        dims = self._dims(hidden, len(tree_flatten(hidden)[0]))
+        for i, name, t in ambiguous:
+            axis = dims[i] % t.dim()
+            moved = [a for a, n in enumerate(t.shape) if n == batch_size and _rolls_along(plain[i], rolled[i], a)]
+            given = not isinstance(self.batch_dim, _DefaultAxis)
+            if moved == [axis] or (given and len(moved) != 1 and (axis in moved or not moved)):
+                continue  # established, or given by the user and not contradicted
+            candidates = [a for a, n in enumerate(t.shape) if n == batch_size]
+            found = f"its samples move along axis {moved[0]}" if len(moved) == 1 else (
+                f"a probe that rolls the samples could not tell which of its axes {candidates} holds them")
+            raise ValueError(
+                f"the state leaf {name} of shape {tuple(t.shape)} has the batch size {batch_size} at axes {candidates}, "
+                f"and {found}, while hidden_batch_dim={self.batch_dim!r} says axis {axis}: resets and padding would "
+                "work on the wrong axis. Pass the batch axis of each hidden-state tensor as hidden_batch_dim (one int, "
+                "or a structure of ints matching the hidden state)"
+            )
+        self.settled = True
+
+
+def _rolls_along(plain: torch.Tensor, rolled: torch.Tensor, axis: int) -> bool:
+    """Whether ``rolled`` is ``plain`` rolled by one along ``axis`` (and differs from ``plain``)."""
+    if not (isinstance(plain, torch.Tensor) and isinstance(rolled, torch.Tensor)) or plain.shape != rolled.shape:
+        return False
+    expected = plain.roll(1, axis)
+    return bool(torch.allclose(rolled, expected, rtol=1e-4, atol=1e-6)) and not torch.equal(expected, plain)
 
 
 def _device(hidden: Hidden) -> Any:

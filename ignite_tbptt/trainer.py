@@ -16,7 +16,7 @@ from torch import nn
 from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
 from ignite_tbptt.batches import batch_chunks, batch_size_of, chunk_sequence, split_batch
-from ignite_tbptt.checks import check_output_length, check_state_passing
+from ignite_tbptt.checks import batch_axis_probe, check_output_length, check_state_passing
 from ignite_tbptt.carry import (
     CHUNK_LENGTHS_KEY, TRUNCATION_DRAWS_KEY, CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine,
 )
@@ -26,7 +26,7 @@ from ignite_tbptt.schedule import (
     ARTBP, Chunk, RandomLength, Reach, Steps, Window, adaptive_plan, batch_plan, bptt_of, check_positive_int, check_steps,
 )
 from ignite_tbptt.sequences import masked_pair
-from ignite_tbptt.state import BatchDims, DetachedStateCheck, ResetFn, StateProtocol
+from ignite_tbptt.state import DEFAULT_BATCH_DIM, BatchDims, DetachedStateCheck, ResetFn, StateProtocol
 from ignite_tbptt.updates import (
     SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, AccumulationGroup, BurnInTally, all_finite, count_skipped_updates, count_window_lengths, found_inf,
     scaled_learning_rate,
@@ -81,7 +81,7 @@ def supervised_tbptt_training_step(
     scaler: Union[bool, "torch.amp.GradScaler"] = False,
     gradient_accumulation_steps: int = 1,
     clip_grad_norm: Optional[float] = None,
-    hidden_batch_dim: BatchDims = -2,
+    hidden_batch_dim: BatchDims = DEFAULT_BATCH_DIM,
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
     check_state: bool = False,
@@ -242,7 +242,7 @@ def supervised_tbptt_training_step(
             # The kept state tells only where this chunk computed it with a graph (recompute may keep an older one).
             detached_state(window.hidden, any(g.frozen for g in gates) or getattr(window, "state_at", chunk.stop) <= chunk.start)
             if check_axes:
-                state.check(window.hidden, batch_size_of(x_t, dim))
+                state.check(window.hidden, batch_size_of(x_t, dim), lambda: batch_axis_probe(model, model_fn, x_t, dim))
             loss = loss_fn(*masked_pair(y_pred, y_t, valid, dim)) if weight else None
         backward(loss, weight, chunk.length)
         if monitor_state_grads:
@@ -370,7 +370,7 @@ def create_supervised_tbptt_trainer(
     scaler: Union[bool, "torch.amp.GradScaler"] = False,
     gradient_accumulation_steps: int = 1,
     clip_grad_norm: Optional[float] = None,
-    hidden_batch_dim: BatchDims = -2,
+    hidden_batch_dim: BatchDims = DEFAULT_BATCH_DIM,
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
     check_state: bool = False,

@@ -411,6 +411,7 @@ class RetainWindow:
         # The parameters a retained graph saves on the state path, learnt from the first retained chunk that runs
         # from a state (None: not yet; clone them all). Under checkpointing all are cloned: re-runs read them all.
         self.saved_params: Optional[List[str]] = None
+        self.params_checked = False
         self.reset()
 
     def reset(self) -> None:
@@ -438,6 +439,9 @@ class RetainWindow:
             segments.append(segment)
             self.hidden = segment.h_out
         self.segments.extend(segments)
+        if retain and not self.params_checked:  # once, before the first update: the step would break the graph
+            _check_no_live_parameter_saved(self.call, segments)
+            self.params_checked = True
         # Learnt from a plain chunk: every segment runs from a state that takes a gradient, and no gate is in force.
         # A model run from no state saves less (no weight that only the state gradient needs), and so does one
         # whose state a gate cuts (burn-in), holds (padding) or runs without a graph: learnt there, the set would
@@ -575,6 +579,25 @@ class RetainWindow:
     def state_at_stop(self) -> Optional[Hidden]:
         """The state after the last step run forward, cut from its graph (``None`` on a fresh stream)."""
         return None if self.hidden is None else detached(self.hidden)
+
+
+def _check_no_live_parameter_saved(call: nn.Module, segments: List[_Segment]) -> None:
+    """A ``ValueError`` naming the parameters that the retained graphs saved themselves instead of their clones.
+
+    ``functional_call`` replaces a module's registered parameters only; a model that reads a parameter from
+    somewhere else (ncps' LTC keeps them in a plain dict as well) runs on the live tensor, which the graph then
+    saves, and the optimizer's in-place step would break at the next backward pass through it.
+    """
+    live = {p.untyped_storage().data_ptr(): name for name, p in call.named_parameters() if p.requires_grad}
+    saved = {v.untyped_storage().data_ptr() for seg in segments for _, v in saved_tensors(seg.out_leaves)}
+    names = sorted(live[ptr].split(".", 1)[1] for ptr in saved if ptr in live)  # without _ModelFnCall's "model."
+    if names:
+        raise ValueError(
+            f'overlap="retain" cannot train this model: its graph saved the live parameters {names}, not the copies '
+            "torch.func.functional_call puts in their place (the model reads them from somewhere other than its "
+            "registered attributes, as ncps' LTC does from a plain dict), so the optimizer step would change them "
+            'under the graphs a later window backpropagates through. overlap="recompute" trains it exactly'
+        )
 
 
 def _saved_clones(params: Params, segments: List[_Segment]) -> List[str]:

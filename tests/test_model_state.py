@@ -136,3 +136,102 @@ def test_a_state_returned_detached_warns_that_k2_has_no_effect(overlap):
     for a, b in zip(long, short):  # what the warning says: k2 = 9 gives exactly the k2 = 3 gradients
         for g1, g2 in zip(a, b):
             torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+class SlotMemory(nn.Module):
+    """A memory of ``n_mem`` slots, ``(B, n_mem, d)``, that every step writes into through attention weights (as
+    recurrent-memory transformers' memory tokens): with ``n_mem == B`` the default axis -2 has the batch's size
+    but holds the slots."""
+
+    def __init__(self, n_mem=3, d=2):
+        super().__init__()
+        self.write, self.read = nn.Linear(2, n_mem), nn.Linear(2 * d, 2)
+        self.inp, self.n_mem, self.d = nn.Linear(2, d), n_mem, d
+
+    def forward(self, x, memory=None):
+        memory = x.new_zeros(x.shape[1], self.n_mem, self.d) if memory is None else memory
+        outs = []
+        for x_t in x.unbind(0):
+            weights = self.write(x_t).softmax(-1).unsqueeze(-1)  # (B, n_mem, 1)
+            memory = (1 - weights) * memory + weights * torch.tanh(self.inp(x_t)).unsqueeze(1)
+            outs.append(self.read(torch.cat([memory.mean(1), memory.amax(1)], -1)))
+        return torch.stack(outs), memory
+
+
+def _resets():
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    resets[5, 1] = True
+    return resets
+
+
+def test_a_batch_axis_matched_by_size_alone_is_not_trusted():
+    """n_mem == B: the default axis -2 passed the size check, and resets cleared a memory slot instead of a
+    sample (0.233 off running each document alone). Now the probe finds the samples on axis 0, before any update."""
+    torch.manual_seed(0)
+    model = SlotMemory().double()
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"state leaf hidden of shape \(3, 3, 2\) has the batch size 3 at axes \[0, 1\], "
+                                         r"and its samples move along axis 0, while hidden_batch_dim=-2 says axis 1"):
+        _trainer(model, 3, 3, "recompute").run([(x, y, {"resets": _resets()})])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    trainer = _trainer(model, 3, 3, "recompute", lr=0.0, carry_state=True, hidden_batch_dim=0)
+    trainer.run([(x, y, {"resets": _resets()})])
+    kept = trainer.carried_state.window.state_at_stop()
+    torch.testing.assert_close(kept[1:2], _alone(model, x, 5, 1), rtol=0, atol=1e-12)
+
+
+def test_a_batch_axis_the_probe_cannot_tell_is_asked_for_unless_given():
+    """Samples that are all the same roll into themselves: the default axis is not trusted, a given one is."""
+    torch.manual_seed(0)
+    model = SlotMemory().double()
+    x, y = _data()
+    x, y = x[:, :1].expand(T, B, 2).contiguous(), y[:, :1].expand(T, B, 2).contiguous()
+    with pytest.raises(ValueError, match=r"a probe that rolls the samples could not tell which of its axes \[0, 1\]"):
+        _trainer(model, 3, 3, "recompute").run([(x, y, {"resets": _resets()})])
+    _trainer(model, 3, 3, "recompute", hidden_batch_dim=0).run([(x, y, {"resets": _resets()})])
+
+
+def test_an_lstm_whose_hidden_size_is_the_batch_size_needs_no_hidden_batch_dim():
+    from tests.models import make_model
+
+    model = make_model("LSTM")  # (layers, B, H) = (1, 3, 3)
+    _trainer(model, 3, 3, "recompute").run([(*_data(), {"resets": _resets()})])
+    assert model.training
+
+
+class DictParameters(nn.Module):
+    """ncps' LTC pattern: a registered parameter that forward reads from a plain dict, where functional_call does
+    not replace it. ``from_dict=False`` is the same function reading the attribute, for the reference."""
+
+    def __init__(self, from_dict=True):
+        super().__init__()
+        self.cell, self.head = nn.GRUCell(2, 3), nn.Linear(3, 2)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+        self.params = {"gain": self.gain} if from_dict else None
+
+    def forward(self, x, hidden=None):
+        gain = self.params["gain"] if self.params is not None else self.gain
+        h = x.new_zeros(x.shape[1], 3) if hidden is None else hidden
+        outs = []
+        for x_t in x.unbind(0):
+            h = self.cell(x_t, h) * gain
+            outs.append(self.head(h))
+        return torch.stack(outs), h
+
+
+def _dict_model(from_dict=True):
+    torch.manual_seed(0)
+    return DictParameters(from_dict).double()
+
+
+def test_retain_refuses_a_model_whose_parameters_functional_call_cannot_replace_and_names_recompute():
+    model, x, y = _dict_model(), *_data()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"overlap=\"retain\" cannot train this model: its graph saved the live "
+                                         r"parameters \['gain'\].*overlap=\"recompute\" trains it exactly"):
+        _trainer(model, 3, 9, "retain").run([(x, y)])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    _trainer(model, 3, 9, "recompute").run([(x, y)])
+    expected = reference_chunked_trajectory(_dict_model(from_dict=False), x, y, 3, 9, "recompute", 0.1, F.mse_loss)[-1]
+    _assert_matches(model, expected)
