@@ -198,7 +198,7 @@ def _check(model: Any, model_fn: Callable, x: torch.Tensor, k1: int, dim: int, l
         states.append(hidden)
         y_pred, hidden = call_model(model_fn, model, x.narrow(dim, start, min(k1, length - start)), hidden)
         chunks.append(_time_leaves(y_pred, dim))
-    _check_state_used(model, model_fn, x.narrow(dim, k1, min(k1, length - k1)), states[1], chunks[1], dim, rtol, atol)
+    _check_state_used(model, model_fn, x.narrow(dim, k1, min(k1, length - k1)), states[1], chunks[1], dim)
     for leaf, whole_leaf in enumerate(whole):
         pieces = [c[leaf] for c in chunks]
         for index, (piece, start) in enumerate(zip(pieces, range(0, length, k1))):
@@ -228,12 +228,18 @@ def _check(model: Any, model_fn: Callable, x: torch.Tensor, k1: int, dim: int, l
 
 
 def _check_state_used(
-    model: Any, model_fn: Callable, x1: torch.Tensor, state: Any, outputs: List[torch.Tensor], dim: int,
-    rtol: float, atol: float,
+    model: Any, model_fn: Callable, x1: torch.Tensor, state: Any, outputs: List[torch.Tensor], dim: int
 ) -> None:
-    """An ``AssertionError`` if chunk 1's outputs stay the same from a perturbed state, or a perturbed leaf."""
+    """An ``AssertionError`` if chunk 1's outputs stay the same from a perturbed state, or a perturbed leaf.
+
+    "The same" means within the run-to-run noise of the model (a repeated call from the same state; zero on a
+    CPU), not within ``rtol``: a model ignores a leaf only if nothing of it reaches the outputs. A stabilised
+    state (xLSTM's ``n`` and ``m``) may reach them by a factor as small as the forget gate, ``exp(-12)``, and
+    is still used. A leaf used that faintly is trained as it is, so the check accepts it.
+    """
     generator = torch.Generator().manual_seed(0)
-    if _same(outputs, _outputs(model_fn, model, x1, _perturbed(state, generator), dim), rtol, atol):
+    noise = _distance(outputs, _outputs(model_fn, model, x1, state, dim))
+    if _distance(outputs, _outputs(model_fn, model, x1, _perturbed(state, generator), dim)) <= noise:
         raise AssertionError(
             "the state passed in is ignored: chunk 1 gives the same outputs from a perturbed state as from the state "
             "chunk 0 left, so TBPTT would train a model of single chunks; pass the hidden argument on to the "
@@ -242,12 +248,19 @@ def _check_state_used(
     named = named_leaves(state)
     floating = [i for i, (_, t) in enumerate(named) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     for i in floating if len(floating) > 1 else []:
-        if _same(outputs, _outputs(model_fn, model, x1, _perturbed(state, generator, only=i), dim), rtol, atol):
+        if _distance(outputs, _outputs(model_fn, model, x1, _perturbed(state, generator, only=i), dim)) <= noise:
             raise AssertionError(
                 f"the state leaf {named[i][0]} passed in is ignored: chunk 1 gives the same outputs when only that "
                 "leaf is perturbed, so the model starts that part of its state afresh at every chunk; pass it on "
                 "(an LSTM's cell state with its hidden state, say)"
             )
+
+
+def _distance(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
+    """The largest difference between matching outputs, infinite where a non-finite value appears in one only."""
+    diffs = [torch.where((p == q) | (p.isnan() & q.isnan()), 0.0, (p - q).abs().nan_to_num(float("inf"))).max()
+             for p, q in zip(a, b) if p.numel()]
+    return float(max(diffs)) if diffs else 0.0
 
 
 def _check_protocol(

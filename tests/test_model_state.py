@@ -235,3 +235,30 @@ def test_retain_refuses_a_model_whose_parameters_functional_call_cannot_replace_
     _trainer(model, 3, 9, "recompute").run([(x, y)])
     expected = reference_chunked_trajectory(_dict_model(from_dict=False), x, y, 3, 9, "recompute", 0.1, F.mse_loss)[-1]
     _assert_matches(model, expected)
+
+
+def test_check_state_passing_accepts_a_stabilised_state_used_faintly():
+    """xLSTM's stabilised (c, n, m) reach the outputs by the forget gate's factor; with a forget gate of exp(-12)
+    the old check, comparing at rtol=1e-4, called the state ignored (torchxlstm's sLSTM failed 3 of 10 seeds)."""
+    model = make_state_model("xlstm")
+    with torch.no_grad():
+        for gate in model.gates:
+            gate.bias[3:6] = -12.0  # the forget-gate pre-activations
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_state_passing(model, _data()[0], 4, hidden_batch_dim=0)
+
+
+def test_check_state_passing_still_finds_a_leaf_that_is_ignored_exactly():
+    class DropsN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = make_state_model("xlstm", blocks=1)
+
+        def forward(self, x, hidden=None):
+            if hidden is not None:  # n starts afresh at every call
+                hidden = {"block0": {**hidden["block0"], "n": torch.zeros_like(hidden["block0"]["n"])}}
+            return self.inner(x, hidden)
+
+    with pytest.raises(AssertionError, match=r"the state leaf hidden\['block0'\]\['n'\] passed in is ignored"):
+        check_state_passing(DropsN(), _data()[0], 4)
