@@ -74,7 +74,8 @@ def supervised_tbptt_evaluation_step(
                     with autocast():
                         y_pred = window.forward(chunk, later, x_t, gates)
                     if done == 0 and info is not None and info.gated:
-                        state.check(window.hidden, batch_size_of(x_t, dim), lambda: batch_axis_probe(model, model_fn, x_t, dim))
+                        probe = lambda: batch_axis_probe(model, model_fn, x_t, dim)  # noqa: E731
+                        state.check(window.hidden, batch_size_of(x_t, dim), probe)
                     y_pred, y_t = masked_pair(y_pred, y_t, valid, dim)
                     engine.state.output = output_transform(x_t, y_t, y_pred)
                     fire(engine, Tbptt_Events.TIME_ITERATION_COMPLETED)

@@ -202,7 +202,9 @@ class StateProtocol:
                 return t.shape[dim]
         raise ValueError("the hidden state has no tensor with a batch axis at hidden_batch_dim")
 
-    def check(self, hidden: Optional[Hidden], batch_size: int, probe: Optional[Callable[[], Tuple[Hidden, Hidden]]] = None) -> None:
+    def check(
+        self, hidden: Optional[Hidden], batch_size: int, probe: Optional[Callable[[], Tuple[Hidden, Hidden]]] = None
+    ) -> None:
         """A ``ValueError`` naming the first tensor leaf without a batch axis of ``batch_size`` where
         ``hidden_batch_dim`` says: checked before the first update of a batch that resets, pads or burns in.
 
@@ -226,7 +228,8 @@ class StateProtocol:
         dims = self._dims(hidden, len(tree_flatten(hidden)[0]))
         for i, name, t in ambiguous:
             axis = dims[i] % t.dim()
-            moved = [a for a, n in enumerate(t.shape) if n == batch_size and _rolls_along(plain[i], rolled[i], a)]
+            pair = (plain[i], rolled[i]) if i < min(len(plain), len(rolled)) else (None, None)
+            moved = [a for a, n in enumerate(t.shape) if n == batch_size and _rolls_along(*pair, a)]
             given = not isinstance(self.batch_dim, _DefaultAxis)
             if moved == [axis] or (given and len(moved) != 1 and (axis in moved or not moved)):
                 continue  # established, or given by the user and not contradicted
@@ -234,15 +237,15 @@ class StateProtocol:
             found = f"its samples move along axis {moved[0]}" if len(moved) == 1 else (
                 f"a probe that rolls the samples could not tell which of its axes {candidates} holds them")
             raise ValueError(
-                f"the state leaf {name} of shape {tuple(t.shape)} has the batch size {batch_size} at axes {candidates}, "
-                f"and {found}, while hidden_batch_dim={self.batch_dim!r} says axis {axis}: resets and padding would "
-                "work on the wrong axis. Pass the batch axis of each hidden-state tensor as hidden_batch_dim (one int, "
-                "or a structure of ints matching the hidden state)"
+                f"the state leaf {name} of shape {tuple(t.shape)} has the batch size {batch_size} at axes "
+                f"{candidates}, and {found}, while hidden_batch_dim={self.batch_dim!r} says axis {axis}: resets and "
+                "padding would work on the wrong axis. Pass the batch axis of each hidden-state tensor as "
+                "hidden_batch_dim (one int, or a structure of ints matching the hidden state)"
             )
         self.settled = True
 
 
-def _rolls_along(plain: torch.Tensor, rolled: torch.Tensor, axis: int) -> bool:
+def _rolls_along(plain: Any, rolled: Any, axis: int) -> bool:
     """Whether ``rolled`` is ``plain`` rolled by one along ``axis`` (and differs from ``plain``)."""
     if not (isinstance(plain, torch.Tensor) and isinstance(rolled, torch.Tensor)) or plain.shape != rolled.shape:
         return False

@@ -240,7 +240,8 @@ def supervised_tbptt_training_step(
             y_pred = window.forward(chunk, later, x_t, gates)
             check_output_length(y_pred, x_t, dim)
             # The kept state tells only where this chunk computed it with a graph (recompute may keep an older one).
-            detached_state(window.hidden, any(g.frozen for g in gates) or getattr(window, "state_at", chunk.stop) <= chunk.start)
+            stale = any(g.frozen for g in gates) or getattr(window, "state_at", chunk.stop) <= chunk.start
+            detached_state(window.hidden, stale)
             if check_axes:
                 state.check(window.hidden, batch_size_of(x_t, dim), lambda: batch_axis_probe(model, model_fn, x_t, dim))
             loss = loss_fn(*masked_pair(y_pred, y_t, valid, dim)) if weight else None

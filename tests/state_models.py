@@ -202,7 +202,8 @@ class CacheList(nn.Module):
     def __init__(self, n_in=2, d=3, layers=2, n_out=2, counter=False, writes=True):
         super().__init__()
         self.cells = nn.ModuleList(nn.Linear(2 * d, 2 * d) for _ in range(layers))
-        self.inp, self.head, self.d, self.counter, self.writes = nn.Linear(n_in, d), nn.Linear(d, n_out), d, counter, writes
+        self.inp, self.head, self.d = nn.Linear(n_in, d), nn.Linear(d, n_out), d
+        self.counter, self.writes = counter, writes
 
     def fresh(self, batch, like):
         caches = [(None, like.new_zeros(batch, self.d)) for _ in self.cells]

@@ -127,7 +127,8 @@ def _grads(model, k1, k2, overlap):
 
 @pytest.mark.parametrize("overlap", ["recompute", "retain"])
 def test_a_state_returned_detached_warns_that_k2_has_no_effect(overlap):
-    with pytest.warns(UserWarning, match=r"k2 > tbtt_step has no effect on this model: the state it returns has no gradient path"):
+    with pytest.warns(UserWarning, match=r"k2 > tbtt_step has no effect on this model: the state it returns has no "
+                                         r"gradient path"):
         long = _grads(_detaching(), 3, 9, overlap)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -171,8 +172,9 @@ def test_a_batch_axis_matched_by_size_alone_is_not_trusted():
     model = SlotMemory().double()
     before = [p.detach().clone() for p in model.parameters()]
     x, y = _data()
-    with pytest.raises(ValueError, match=r"state leaf hidden of shape \(3, 3, 2\) has the batch size 3 at axes \[0, 1\], "
-                                         r"and its samples move along axis 0, while hidden_batch_dim=-2 says axis 1"):
+    with pytest.raises(ValueError, match=r"state leaf hidden of shape \(3, 3, 2\) has the batch size 3 at axes "
+                                         r"\[0, 1\], and its samples move along axis 0, while hidden_batch_dim=-2 "
+                                         r"says axis 1"):
         _trainer(model, 3, 3, "recompute").run([(x, y, {"resets": _resets()})])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     trainer = _trainer(model, 3, 3, "recompute", lr=0.0, carry_state=True, hidden_batch_dim=0)

@@ -195,8 +195,8 @@ class _TimeFirst(nn.Module):
         self.model, self.dim = model, dim
 
     def forward(self, x, hidden=None):
-        args = (x.transpose(0, 1) if self.dim == 1 else x,) + (() if hidden is None else (tree_map(lambda t: t, hidden),))
-        y_pred, hidden = self.model(*args)
+        x = x.transpose(0, 1) if self.dim == 1 else x
+        y_pred, hidden = self.model(x) if hidden is None else self.model(x, tree_map(lambda t: t, hidden))
         return (y_pred.transpose(0, 1) if self.dim == 1 else y_pred), hidden
 
 
