@@ -401,7 +401,10 @@ class RetainWindow:
         checkpoint_every: Optional[int] = None, monitor: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f'overlap="retain" needs an nn.Module model, got {type(model).__name__}')
+            raise TypeError(
+                f'overlap="retain" needs an nn.Module model, got {type(model).__name__}; overlap="recompute" runs any '
+                "callable"
+            )
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
         self.checkpoint_every, self.monitor = checkpoint_every, monitor
         self.state_grad_norms: Optional[torch.Tensor] = None  # with monitor: the latest update's, newest first

@@ -15,10 +15,9 @@ from tests.state_models import make_state_model
 T, B = 12, 3
 
 
-def _data(seed=1, batch=B):
+def _data(seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(T, batch, 2, generator=g, dtype=torch.float64),
-            torch.randn(T, batch, 2, generator=g, dtype=torch.float64))
+    return torch.randn(T, B, 2, generator=g, dtype=torch.float64), torch.randn(T, B, 2, generator=g, dtype=torch.float64)
 
 
 def _trainer(model, k1, k2, overlap, lr=0.1, **kwargs):
@@ -264,3 +263,11 @@ def test_check_state_passing_still_finds_a_leaf_that_is_ignored_exactly():
 
     with pytest.raises(AssertionError, match=r"the state leaf hidden\['block0'\]\['n'\] passed in is ignored"):
         check_state_passing(DropsN(), _data()[0], 4)
+
+
+def test_retain_refuses_a_plain_function_and_names_recompute():
+    rnn = nn.GRU(2, 3).double()
+    with pytest.raises(TypeError, match=r'overlap="retain" needs an nn.Module model, got function; '
+                                        r'overlap="recompute" runs any callable'):
+        create_supervised_tbptt_trainer(lambda x, hidden=None: rnn(x, hidden), torch.optim.SGD(rnn.parameters(), lr=0.1),
+                                        nn.MSELoss(), tbtt_step=3, k2=6, overlap="retain")
