@@ -6,6 +6,8 @@ shuffling ``DataLoader``; padded steps holding NaN; ``skip_nonfinite`` with a sc
 
 import copy
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -76,8 +78,8 @@ def test_a_checkpoint_on_any_batch_boundary_event_resumes_exactly_in_a_fresh_tra
             saved, total = torch.load(path, weights_only=True), EPOCHS * len(DATA[config[0]]())
             if saved["trainer"]["iteration"] == total:
                 continue  # a finished run: run() starts a new one, as Ignite's does
-            torch.manual_seed(123)  # the saved seed and generator states decide, not this process'
             model, optimizer, trainer = adam_trainer(config)
+            torch.manual_seed(123)  # the saved seed and generator states decide, not this process' (after make_model's)
             Checkpoint.load_objects({"model": model, "optimizer": optimizer, "trainer": trainer}, saved)
             trainer.run(with_data(config, trainer), max_epochs=EPOCHS)
             assert trainer.state.iteration == total
@@ -274,3 +276,33 @@ def test_in_memory_stream_batches_check_the_vocabulary():
     assert len(StreamBatches(docs, batch_size=2, seq_len=3, vocab_size=51)) == 2
     with pytest.raises(TypeError, match="token ids"):
         StreamBatches([torch.randn(10)], batch_size=2, seq_len=3, vocab_size=50)
+
+
+RESUME_IN_A_FRESH_PROCESS = """
+import sys, torch
+from ignite.handlers import Checkpoint
+from tests.test_resume import adam_trainer, with_data, EPOCHS
+config, path, out = eval(sys.argv[1]), sys.argv[2], sys.argv[3]
+model, optimizer, trainer = adam_trainer(config)
+torch.manual_seed(123)  # the saved seed and generator states decide (make_model seeds the process with 0)
+Checkpoint.load_objects({"model": model, "optimizer": optimizer, "trainer": trainer}, torch.load(path, weights_only=True))
+trainer.run(with_data(config, trainer), max_epochs=EPOCHS)
+torch.save(model.state_dict(), out)
+"""
+
+
+def test_a_mid_epoch_checkpoint_resumes_exactly_in_a_fresh_process(tmp_path):
+    # The process-wide state a resume could lean on (the seed, the generators, Ignite's event table) is not there.
+    config = ("DataLoader", "retain", False, True)
+    expected = uninterrupted(config)
+    torch.manual_seed(0)
+    model, optimizer, trainer = adam_trainer(config)
+    to_save = {"model": model, "optimizer": optimizer, "trainer": trainer}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), Checkpoint(to_save, DiskSaver(str(tmp_path))))
+    trainer.run(with_data(config, trainer), max_epochs=EPOCHS)
+    out = tmp_path / "resumed.pt"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", RESUME_IN_A_FRESH_PROCESS, repr(config), saved_files(tmp_path)[0], str(out)],
+                   check=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    resumed = torch.load(out, weights_only=True)
+    assert_same_params(resumed, expected)
