@@ -38,7 +38,6 @@ def adam_trainer(config, model=None, **options):
 
 
 def uninterrupted(config):
-    torch.manual_seed(0)
     model, _, trainer = adam_trainer(config)
     trainer.run(with_data(config, trainer), max_epochs=EPOCHS)
     return params_of(model)
@@ -62,7 +61,6 @@ def saved_files(directory):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_a_checkpoint_on_any_batch_boundary_event_resumes_exactly_in_a_fresh_trainer(config, tmp_path):
     expected = uninterrupted(config)
-    torch.manual_seed(0)
     model, optimizer, trainer = adam_trainer(config)
     to_save = {"model": model, "optimizer": optimizer, "trainer": trainer}
     for event in BOUNDARY_EVENTS:
@@ -295,7 +293,6 @@ def test_a_mid_epoch_checkpoint_resumes_exactly_in_a_fresh_process(tmp_path):
     # The process-wide state a resume could lean on (the seed, the generators, Ignite's event table) is not there.
     config = ("DataLoader", "retain", False, True)
     expected = uninterrupted(config)
-    torch.manual_seed(0)
     model, optimizer, trainer = adam_trainer(config)
     to_save = {"model": model, "optimizer": optimizer, "trainer": trainer}
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), Checkpoint(to_save, DiskSaver(str(tmp_path))))
