@@ -303,3 +303,21 @@ def test_a_mid_epoch_checkpoint_resumes_exactly_in_a_fresh_process(tmp_path):
                    check=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
     resumed = torch.load(out, weights_only=True)
     assert_same_params(resumed, expected)
+
+
+def test_an_exception_in_the_middle_epochs_epoch_started_trains_every_iteration_with_the_right_epoch():
+    # Issue 28's case: EPOCH_STARTED of epoch 2 of 3 raised, then run(): 20 of 30 iterations were trained and the
+    # epoch numbered one ahead, so set_epoch laid out another epoch.
+    config = ("StreamBatches", "recompute", True, False)
+    model, _, trainer = adam_trainer(config)
+    data = with_data(config, trainer)
+    raise_once(trainer, Events.EPOCH_STARTED(once=2))
+    laid_out = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: laid_out.append(data.epoch))
+    with pytest.raises(Boom):
+        trainer.run(data, max_epochs=3)
+    trainer.run(data, max_epochs=3)
+    assert trainer.state.iteration == 3 * len(data) and laid_out == [0, 1, 2]  # epoch 2's handlers ran again
+    expected_model, _, expected = adam_trainer(config)
+    expected.run(with_data(config, expected), max_epochs=3)
+    assert_same_params(params_of(model), params_of(expected_model))
