@@ -53,17 +53,26 @@ def check_output_length(y_pred: Any, x: torch.Tensor, dim: int) -> None:
 
 @torch.no_grad()
 def batch_axis_probe(model: Any, model_fn: Callable, x: torch.Tensor, dim: int) -> Tuple[Any, Any]:
-    """The states the model returns for ``x`` and for ``x`` with its samples rolled by one, from a fresh start.
+    """The states the model returns for ``x`` and for ``x`` with the input of its first sample changed, from a
+    fresh start.
 
     :meth:`~ignite_tbptt.state.StateProtocol.check` reads a leaf's batch axis off them where its size alone
-    cannot tell. Two calls without gradients, in eval mode (dropout would move every axis), the mode restored.
+    cannot tell: the axis along which only the first entry moves. The first sample gets noise (or, for token
+    ids, the next id, modulo the largest id plus one), so that samples that are all alike (padding) tell too.
+    Two calls without gradients, in eval mode (dropout would move every axis), the mode restored.
     """
-    batch_axis = 1 if dim % x.dim() == 0 else 0
+    changed = x.clone()
+    first = changed.select(1 if dim % x.dim() == 0 else 0, 0)
+    if x.is_floating_point():
+        noise = torch.randn(first.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+        first.add_(noise.to(x.device, x.dtype) * (first.abs().mean() + 1))
+    else:
+        first.copy_((first + 1) % (int(x.max()) + 1))
     training = model.training if isinstance(model, nn.Module) else None
     if training:
         model.eval()
     try:
-        return tuple(call_model(model_fn, model, xs, None)[1] for xs in (x, x.roll(1, batch_axis)))
+        return tuple(call_model(model_fn, model, xs, None)[1] for xs in (x, changed))
     finally:
         if training:
             model.train()

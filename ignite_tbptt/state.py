@@ -210,10 +210,10 @@ class StateProtocol:
 
         A size alone does not make an axis the batch axis: a memory ``(B, n_mem, d)`` with ``n_mem == B`` has
         two. Where a leaf has another axis of the batch's size, ``probe()`` (once per protocol) gives the state
-        of the same input run as it is and with its samples rolled by one, and the batch axis is the one along
-        which the state rolls with them. It must be ``hidden_batch_dim``'s, else a ``ValueError`` names the one
-        it is; where the probe cannot tell (samples that give the same state), a default ``hidden_batch_dim`` is
-        not trusted either, and the ``ValueError`` asks for it.
+        of the same input run as it is and with the first sample's input changed, and the batch axis is the one
+        along which only the first entry moves. It must be ``hidden_batch_dim``'s, else a ``ValueError`` names
+        the one it is; where the probe cannot tell (a state that does not move with the input), a default
+        ``hidden_batch_dim`` is not trusted either, and the ``ValueError`` asks for it.
         """
         if hidden is None:
             return
@@ -224,18 +224,18 @@ class StateProtocol:
                      if isinstance(t, torch.Tensor) and sum(n == batch_size for n in t.shape) > 1]
         if not ambiguous:
             return
-        plain, rolled = (tree_flatten(h)[0] for h in probe())
+        plain, changed = (tree_flatten(h)[0] for h in probe())
         dims = self._dims(hidden, len(tree_flatten(hidden)[0]))
         for i, name, t in ambiguous:
             axis = dims[i] % t.dim()
-            pair = (plain[i], rolled[i]) if i < min(len(plain), len(rolled)) else (None, None)
-            moved = [a for a, n in enumerate(t.shape) if n == batch_size and _rolls_along(*pair, a)]
+            pair = (plain[i], changed[i]) if i < min(len(plain), len(changed)) else (None, None)
+            moved = [a for a, n in enumerate(t.shape) if n == batch_size and _moves_first_only(*pair, a)]
             given = not isinstance(self.batch_dim, _DefaultAxis)
             if moved == [axis] or (given and len(moved) != 1 and (axis in moved or not moved)):
                 continue  # established, or given by the user and not contradicted
             candidates = [a for a, n in enumerate(t.shape) if n == batch_size]
-            found = f"its samples move along axis {moved[0]}" if len(moved) == 1 else (
-                f"a probe that rolls the samples could not tell which of its axes {candidates} holds them")
+            found = f"its samples lie along axis {moved[0]}" if len(moved) == 1 else (
+                f"a probe that changes one sample's input could not tell which of its axes {candidates} holds them")
             raise ValueError(
                 f"the state leaf {name} of shape {tuple(t.shape)} has the batch size {batch_size} at axes "
                 f"{candidates}, and {found}, while hidden_batch_dim={self.batch_dim!r} says axis {axis}: resets and "
@@ -245,12 +245,13 @@ class StateProtocol:
         self.settled = True
 
 
-def _rolls_along(plain: Any, rolled: Any, axis: int) -> bool:
-    """Whether ``rolled`` is ``plain`` rolled by one along ``axis`` (and differs from ``plain``)."""
-    if not (isinstance(plain, torch.Tensor) and isinstance(rolled, torch.Tensor)) or plain.shape != rolled.shape:
+def _moves_first_only(plain: Any, changed: Any, axis: int) -> bool:
+    """Whether ``changed`` differs from ``plain`` at the first entry along ``axis``, and only there."""
+    if not (isinstance(plain, torch.Tensor) and isinstance(changed, torch.Tensor)) or plain.shape != changed.shape:
         return False
-    expected = plain.roll(1, axis)
-    return bool(torch.allclose(rolled, expected, rtol=1e-4, atol=1e-6)) and not torch.equal(expected, plain)
+    moved = ~torch.isclose(changed, plain, rtol=1e-6, atol=0, equal_nan=True)
+    entries = moved.movedim(axis, 0).reshape(moved.shape[axis], -1).any(1)
+    return bool(entries[0]) and not bool(entries[1:].any())
 
 
 def _device(hidden: Hidden) -> Any:

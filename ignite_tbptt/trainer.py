@@ -486,7 +486,7 @@ def create_supervised_tbptt_trainer(
             and the cells), used for per-sample resets, padding and burn-in: one int for every leaf, or a
             structure of ints matching the hidden state (``{"ssm": 0, "conv": 0}``). A batch with sequence
             information checks it at its first chunk, before any update; where a leaf has the batch's size at
-            several axes, a probe that rolls the samples finds which (or the check asks for ``hidden_batch_dim``).
+            several axes, a probe that changes one sample's input finds which (or the check asks for it).
             See :mod:`ignite_tbptt.state`.
         checkpoint_every: memory-efficient windows for very long ``k2``: run each window in segments of at
             most this many steps under activation checkpointing (Gruslys et al. 2016), keeping one state per

@@ -172,7 +172,7 @@ def test_a_batch_axis_matched_by_size_alone_is_not_trusted():
     before = [p.detach().clone() for p in model.parameters()]
     x, y = _data()
     with pytest.raises(ValueError, match=r"state leaf hidden of shape \(3, 3, 2\) has the batch size 3 at axes "
-                                         r"\[0, 1\], and its samples move along axis 0, while hidden_batch_dim=-2 "
+                                         r"\[0, 1\], and its samples lie along axis 0, while hidden_batch_dim=-2 "
                                          r"says axis 1"):
         _trainer(model, 3, 3, "recompute").run([(x, y, {"resets": _resets()})])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -182,13 +182,33 @@ def test_a_batch_axis_matched_by_size_alone_is_not_trusted():
     torch.testing.assert_close(kept[1:2], _alone(model, x, 5, 1), rtol=0, atol=1e-12)
 
 
-def test_a_batch_axis_the_probe_cannot_tell_is_asked_for_unless_given():
-    """Samples that are all the same roll into themselves: the default axis is not trusted, a given one is."""
+class InputFreeMemory(SlotMemory):
+    """A memory that moves on its own, whatever the input: no probe can tell its batch axis."""
+
+    def forward(self, x, memory=None):
+        memory = x.new_ones(x.shape[1], self.n_mem, self.d) if memory is None else memory
+        outs = []
+        for x_t in x.unbind(0):
+            memory = 0.9 * memory
+            outs.append(self.read(torch.cat([memory.mean(1), memory.amax(1)], -1)) + x_t)
+        return torch.stack(outs), memory
+
+
+def test_samples_alike_still_tell_the_batch_axis():
+    """All samples the same (padding cleared to zeros): the probe changes one sample's input, and finds axis 0."""
     torch.manual_seed(0)
     model = SlotMemory().double()
+    x, y = torch.zeros(T, B, 2, dtype=torch.float64), torch.zeros(T, B, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"its samples lie along axis 0, while hidden_batch_dim=-2 says axis 1"):
+        _trainer(model, 3, 3, "recompute").run([(x, y, {"resets": _resets()})])
+
+
+def test_a_batch_axis_the_probe_cannot_tell_is_asked_for_unless_given():
+    torch.manual_seed(0)
+    model = InputFreeMemory().double()
     x, y = _data()
-    x, y = x[:, :1].expand(T, B, 2).contiguous(), y[:, :1].expand(T, B, 2).contiguous()
-    with pytest.raises(ValueError, match=r"a probe that rolls the samples could not tell which of its axes \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"a probe that changes one sample's input could not tell which of its axes "
+                                         r"\[0, 1\] holds them, while hidden_batch_dim=-2 says axis 1"):
         _trainer(model, 3, 3, "recompute").run([(x, y, {"resets": _resets()})])
     _trainer(model, 3, 3, "recompute", hidden_batch_dim=0).run([(x, y, {"resets": _resets()})])
 
