@@ -94,22 +94,29 @@ def _data(length, batch=3, features=2, dim=0, seed=0):
 
 @pytest.mark.parametrize("rho", [0.5, 0.8, 0.95])
 @pytest.mark.parametrize("layer_axis", [False, True], ids=["state (B, H)", "state (1, B, H)"])
-def test_linear_rnn_decay_is_rho_and_suggest_is_the_formula(rho, layer_axis):
+def test_an_exactly_geometric_decay_gives_the_closed_form(rho, layer_axis):
+    """phi_k = c rho**k: E(K) = c rho**K / (1 - rho) at every K (head and tail alike) and the best lower bound
+    on the mass is at K' = max_lag + 1, D = c (1 - 2 rho**(max_lag + 1)) / (1 - rho): E(K) / D in closed form."""
     model = LinearRNN(rho, layer_axis=layer_axis)
     x, y = _data(30, features=3)
-    horizon = gradient_horizon(model, x, y, nn.MSELoss(), max_lag=20, hidden_batch_dim=-2 if layer_axis else 0)
+    max_lag = 20
+    horizon = gradient_horizon(model, x, y, nn.MSELoss(), max_lag=max_lag, hidden_batch_dim=-2 if layer_axis else 0)
     assert isinstance(horizon, GradientHorizon)
     assert horizon.norms.dtype == torch.float64 and horizon.norms.shape == (21,)
-    assert horizon.decay == pytest.approx(rho, rel=0.01)
     assert horizon.decay == pytest.approx(rho, rel=1e-9)  # exactly geometric: the fit recovers it to rounding
+    assert horizon.tail_start == 18
     ratios = horizon.norms[1:] / horizon.norms[:-1]
     assert torch.allclose(ratios, torch.full_like(ratios, rho), rtol=1e-9)
+    c = float(horizon.norms[0])
+    window = 1 - 2 * rho ** (max_lag + 1)
+    assert horizon.mass == pytest.approx(c * window / (1 - rho), rel=1e-9)
+    for K in [0, 1, 7, 18, 19, 21, 40]:  # in the head, at tau, in the measured tail, beyond the measured lags
+        assert horizon.absolute_bias(K) == pytest.approx(c * rho ** K / (1 - rho), rel=1e-9)
+        assert horizon.relative_bias(K) == pytest.approx(rho ** K / window, rel=1e-9)
     for delta in [0.3, 0.1, 0.01, 1e-3]:
-        expected = math.ceil(math.log(delta) / math.log(rho))
+        expected = math.ceil(math.log(delta * window) / math.log(rho) - 1e-9)
         assert horizon.suggest(delta) == expected
         assert horizon.relative_bias(expected) <= delta < horizon.relative_bias(expected - 1)
-    assert horizon.relative_bias(7) == pytest.approx(rho ** 7, rel=1e-8)
-    assert horizon.relative_bias(0) == 1.0
 
 
 def test_no_geometric_decay_is_reported():
@@ -118,7 +125,7 @@ def test_no_geometric_decay_is_reported():
     with pytest.warns(UserWarning, match=r"do not decay geometrically over lags 0..8 \(fitted decay beta = 1.1"):
         horizon = gradient_horizon(model, x, y, nn.MSELoss(), max_lag=8, hidden_batch_dim=0)
     assert horizon.decay == pytest.approx(1.1)
-    assert horizon.relative_bias(5) == math.inf
+    assert horizon.absolute_bias(5) == math.inf and horizon.relative_bias(5) == math.inf
     with pytest.raises(ValueError, match="no geometric decay was measured"):
         horizon.suggest(0.1)
 
@@ -145,9 +152,10 @@ def test_a_gradient_that_does_not_reach_back_and_one_that_is_not_there():
     horizon = gradient_horizon(NoRecurrence(), x, y, nn.MSELoss(), max_lag=4, hidden_batch_dim=0)
     assert horizon.norms[0] > 0 and (horizon.norms[1:] == 0).all()
     assert horizon.decay == 0.0 and horizon.relative_bias(1) == 0.0 and horizon.suggest(1e-6) == 1
+    assert horizon.relative_bias(0) == 1.0  # everything dropped
     horizon = gradient_horizon(IgnoresState(), x, y, nn.MSELoss(), max_lag=4, hidden_batch_dim=0)
-    assert (horizon.norms == 0).all() and math.isnan(horizon.decay) and math.isnan(horizon.relative_bias(3))
-    with pytest.raises(ValueError, match="no geometric decay was measured"):
+    assert (horizon.norms == 0).all() and math.isnan(horizon.decay) and horizon.relative_bias(3) == math.inf
+    with pytest.raises(ValueError, match="the gradient of the last step's loss is zero at every lag"):
         horizon.suggest(0.1)
 
 
@@ -176,14 +184,20 @@ def test_it_changes_nothing():
     x, y = _data(12)
     hidden = (torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64))
     saved_hidden = [h.clone() for h in hidden]
-    first = gradient_horizon(model, x, y, nn.MSELoss(), max_lag=5, hidden=hidden)
+    first = gradient_horizon(model, x, y, nn.MSELoss(), max_lag=5, hidden=hidden, train_mode=False)
     assert model.training
     for n, p in model.named_parameters():
         assert torch.equal(p, params[n]) and torch.equal(p.grad, grads[n]), n
     assert all(torch.equal(h, s) and not h.requires_grad for h, s in zip(hidden, saved_hidden))
-    # Measured in eval mode: no dropout noise, the same twice and as the eval-mode reference.
-    second = gradient_horizon(model, x, y, nn.MSELoss(), max_lag=5, hidden=hidden)
+    # In eval mode: no dropout noise, the same twice and as the eval-mode reference.
+    second = gradient_horizon(model, x, y, nn.MSELoss(), max_lag=5, hidden=hidden, train_mode=False)
     assert torch.equal(first.norms, second.norms)
+    # In train mode by default, as the trainer runs the model: dropout draws, the same under the same seed.
+    torch.manual_seed(1)
+    noisy = gradient_horizon(model, x, y, nn.MSELoss(), max_lag=5, hidden=hidden)
+    torch.manual_seed(1)
+    assert torch.equal(noisy.norms, gradient_horizon(model, x, y, nn.MSELoss(), max_lag=5, hidden=hidden).norms)
+    assert not torch.allclose(noisy.norms, first.norms) and model.training
     model.eval()
     torch.testing.assert_close(first.norms, reference_norms(model, x, y, nn.MSELoss(), 5, hidden=hidden), rtol=0, atol=1e-10)
     gradient_horizon(model, x, y, nn.MSELoss(), max_lag=5)
