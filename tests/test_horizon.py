@@ -251,6 +251,8 @@ def test_bad_input():
             horizon.suggest(delta)
     with pytest.raises(ValueError, match=r"K must be an int >= 0, got -1"):
         horizon.relative_bias(-1)
+    with pytest.raises(ValueError, match=r"tail_start must lie in \[0, max_lag\] = \[0, 2\], got 3"):
+        GradientHorizon(horizon.norms, horizon.decay, horizon.scale, tail_start=3)
 
 
 def test_plot():
