@@ -36,9 +36,10 @@ class AdaptiveK2:
     At the start of a batch, once ``every`` or more updates (chunks) have passed since the last estimate (and at
     the first batch where ``initial`` is ``None``), the trainer measures the gradient norms ``phi_k`` on that
     batch's ``x`` and ``y`` with :func:`~ignite_tbptt.horizon.gradient_horizon` over lags ``0..max_lag``, in
-    train mode (``train_mode``), averaged over the batch's samples, from the carried state where there is one,
-    with the trainer's ``loss_fn``, ``model_fn``, ``dim``, ``hidden_batch_dim`` and ``reset_hidden`` (the
-    batch's resets, padding and burn-in are not passed to the measurement by the trainer). Then
+    train mode (``train_mode``), averaged over the batch's samples (and over ``batches`` consecutive batches),
+    from the carried state where there is one, with the trainer's ``loss_fn``, ``model_fn``, ``dim``,
+    ``hidden_batch_dim`` and ``reset_hidden`` (the batch's resets, padding and burn-in are not passed to the
+    measurement by the trainer). Then
 
         ``K = clamp(horizon.suggest(delta), k_min, k_max)``,  the window ``k2 = k1 + K - 1``,
 
@@ -65,6 +66,8 @@ class AdaptiveK2:
         initial: ``K`` until the first estimate, which then runs after ``every`` updates; ``None``: estimate at
             the first batch.
         train_mode: measure with the model in train mode (``True``, as Aicher et al.) or eval mode.
+        batches: an estimate averages ``phi`` over this many consecutive batches (each a measurement, Aicher et
+            al. average 5); until the last of them, each sets ``K`` from the mean so far.
 
     Attributes (of the trainer's copy, ``trainer.adaptive_k2``):
         K: the latest ``K`` (``None`` before the first); ``horizon``: the latest
@@ -85,13 +88,13 @@ class AdaptiveK2:
 
     def __init__(
         self, delta: float, *, every: int = 100, k_min: int = 1, k_max: int = DEFAULT_K_MAX,
-        max_lag: int = DEFAULT_MAX_LAG, initial: Optional[int] = None, train_mode: bool = True,
+        max_lag: int = DEFAULT_MAX_LAG, initial: Optional[int] = None, train_mode: bool = True, batches: int = 1,
     ) -> None:
         if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
             raise TypeError(f"AdaptiveK2: delta must be a float in (0, 1), got {type(delta).__name__} ({delta!r})")
         if not 0 < delta < 1:
             raise ValueError(f"AdaptiveK2: delta, the tolerable relative bias, must be in (0, 1), got {delta!r}")
-        for name, value in (("every", every), ("k_min", k_min), ("k_max", k_max), ("max_lag", max_lag)):
+        for name, value in (("every", every), ("k_min", k_min), ("k_max", k_max), ("max_lag", max_lag), ("batches", batches)):
             check_positive_int(f"AdaptiveK2: {name}", value)
         if k_min > k_max:
             raise ValueError(f"AdaptiveK2: k_min ({k_min}) must be <= k_max ({k_max})")
@@ -100,19 +103,22 @@ class AdaptiveK2:
         if not isinstance(train_mode, bool):
             raise TypeError(f"AdaptiveK2: train_mode must be a bool, got {type(train_mode).__name__}")
         self.delta, self.every, self.k_min, self.k_max = float(delta), every, k_min, k_max
-        self.max_lag, self.initial, self.train_mode = max_lag, initial, train_mode
+        self.max_lag, self.initial, self.train_mode, self.batches = max_lag, initial, train_mode, batches
         self.K: Optional[int] = initial
         self.last_at: Optional[int] = None  # the update count at the last estimate
         self.history: List[Tuple[int, int, float]] = []
         self.horizon: Optional[GradientHorizon] = None
         self._warned: List[str] = []  # the kinds of warning given: each once
+        self._pending: List[List[float]] = []  # the norms of the batches measured for the estimate under way
 
     def __repr__(self) -> str:
         return (f"AdaptiveK2(delta={self.delta}, every={self.every}, k_min={self.k_min}, k_max={self.k_max}, "
-                f"max_lag={self.max_lag}, initial={self.initial}, train_mode={self.train_mode})")
+                f"max_lag={self.max_lag}, initial={self.initial}, train_mode={self.train_mode}, batches={self.batches})")
 
     def due(self, updates: int) -> bool:
         """Whether an estimate is due at a batch start after ``updates`` updates (chunks) of the run."""
+        if self._pending:  # an estimate over several batches, under way
+            return True
         if self.last_at is None:
             return self.K is None or updates >= self.every
         return updates - self.last_at >= self.every
@@ -155,20 +161,27 @@ class AdaptiveK2:
             return None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NO_DECAY)  # said once, by choose()
-            self.horizon = gradient_horizon(model, x, y, loss_fn, max_lag=self.max_lag, train_mode=self.train_mode,
-                                            **horizon_kwargs)
-        self.K, self.last_at = self.choose(self.horizon), updates
+            measured = gradient_horizon(model, x, y, loss_fn, max_lag=self.max_lag, train_mode=self.train_mode,
+                                        **horizon_kwargs)
+        self._pending.append(measured.norms.tolist())
+        # The mean of the batches measured so far: each one in turn sets K, the last one completes the estimate.
+        self.horizon = GradientHorizon.from_norms(torch.tensor(self._pending, dtype=torch.float64).mean(0))
+        self.K = self.choose(self.horizon)
         self.history.append((updates, self.K, self.horizon.decay))
+        if len(self._pending) == self.batches:
+            self.last_at, self._pending = updates, []
         return self.K
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"K": self.K, "last_at": self.last_at, "history": list(self.history), "warned": list(self._warned)}
+        return {"K": self.K, "last_at": self.last_at, "history": list(self.history), "warned": list(self._warned),
+                "pending": [list(norms) for norms in self._pending]}
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
         self.K, self.last_at = saved["K"], saved["last_at"]
         self.history = [tuple(h) for h in saved["history"]]  # type: ignore[misc]
         warned = saved.get("warned", [])
         self._warned = ["unmeasurable"] if warned is True else list(warned or [])  # a bool in earlier checkpoints
+        self._pending = [list(norms) for norms in saved.get("pending", [])]
 
 
 def check_window_kind(k2: Any) -> None:

@@ -50,6 +50,13 @@ class GradientHorizon:
         # The lower bound on the full gradient's mass: the best over K' of (mass kept) - (mass dropped).
         self.mass = float((kept[1:] - self._dropped[1:]).max())
 
+    @classmethod
+    def from_norms(cls, norms: torch.Tensor) -> "GradientHorizon":
+        """The horizon of given norms ``phi_0..phi_max_lag`` (a 1-D float64 tensor), with ``beta`` fitted to them:
+        for instance the mean of several batches' ``norms``, a steadier estimate than one batch's."""
+        decay, scale = _fit_decay(norms)
+        return cls(norms, decay, scale)
+
     def __repr__(self) -> str:
         return f"GradientHorizon(max_lag={len(self.norms) - 1}, decay={self.decay:.4g}, tail_start={self.tail_start})"
 
@@ -294,15 +301,15 @@ def gradient_horizon(
     finally:
         if training is not None:
             model.train(training)
-    decay, scale = _fit_decay(norms)
-    if decay >= 1:
+    horizon = GradientHorizon.from_norms(norms)
+    if horizon.decay >= 1:
         warnings.warn(
             f"gradient_horizon: the gradient norms do not decay geometrically over lags 0..{max_lag} (fitted decay "
-            f"beta = {decay:.4g} >= 1): the tail of the bias estimate is void (suggest raises where the measured "
+            f"beta = {horizon.decay:.4g} >= 1): the tail of the bias estimate is void (suggest raises where the measured "
             "lags do not suffice)",
             UserWarning, stacklevel=2,
         )
-    return GradientHorizon(norms, decay, scale)
+    return horizon
 
 
 class _Marks(NamedTuple):

@@ -11,7 +11,9 @@ from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from ignite_tbptt import AdaptiveK2, ARTBP, RandomLength, Tbptt_Events, create_supervised_tbptt_trainer, gradient_horizon
+from ignite_tbptt import (
+    AdaptiveK2, ARTBP, GradientHorizon, RandomLength, Tbptt_Events, create_supervised_tbptt_trainer, gradient_horizon,
+)
 from tests.models import make_data, make_model
 from tests.reference import reference_trajectory
 from tests.test_k1k2 import LR, assert_same_trajectory
@@ -81,6 +83,32 @@ def test_the_window_is_the_horizons_suggestion_on_the_batches_seen(overlap):
     assert Ks == expected
     assert [u for u, _, _ in trainer.adaptive_k2.history] == [0, 4, 8, 12]  # every=1: at every batch's start
     assert record["windows"] == windows_for(Ks)
+
+
+def test_an_estimate_averages_several_batches():
+    """batches=3: the norms of three consecutive batches averaged, K from the mean so far at each of them."""
+    x, y, batches = stream_batches()
+    delta, k_max = 0.05, 50
+    _, trainer = train(make_model("LSTM"), batches, AdaptiveK2(delta, every=100, k_max=k_max, max_lag=8, batches=3),
+                       "recompute", lr=0.0)
+    model, norms, expected = make_model("LSTM"), [], []
+    for b in range(3):
+        hidden = None if b == 0 else tuple(h.detach() for h in model(x[:b * LENGTH])[1])
+        norms.append(gradient_horizon(model, *batches[b], nn.MSELoss(), max_lag=8, tbtt_step=K1, hidden=hidden).norms)
+        mean = GradientHorizon.from_norms(torch.stack(norms).mean(0))
+        expected.append((4 * b, min(k_max, mean.suggest(delta)), mean.decay))
+    assert [(u, K) for u, K, _ in trainer.adaptive_k2.history] == [(u, K) for u, K, _ in expected]
+    assert [beta for _, _, beta in trainer.adaptive_k2.history] == pytest.approx([beta for _, _, beta in expected], rel=1e-9)
+    assert len({K for _, K, _ in expected}) > 1  # the mean moves K: the test sees the averaging
+    assert trainer.adaptive_k2.last_at == 8 and trainer.state_dict()["tbptt_adaptive_k2"]["pending"] == []
+    # Mid-estimate, the batches measured so far are saved and the estimate stays due.
+    _, trainer = train(make_model("LSTM"), batches[:2], AdaptiveK2(delta, every=100, k_max=k_max, max_lag=8, batches=3),
+                       "recompute", lr=0.0)
+    saved = trainer.state_dict()["tbptt_adaptive_k2"]
+    assert torch.tensor(saved["pending"], dtype=torch.float64).equal(torch.stack(norms[:2]))
+    resumed = AdaptiveK2(delta, every=100, k_max=k_max, max_lag=8, batches=3)
+    resumed.load_state_dict(saved)
+    assert resumed.due(8) and resumed.K == expected[1][1]
 
 
 @pytest.fixture
@@ -210,6 +238,7 @@ def test_a_resumed_run_continues_with_the_window(overlap, tmp_path, scripted):
     ((0.1,), {"k_max": 5, "every": True}, TypeError, r"AdaptiveK2: every must be an int, got bool"),
     ((0.1,), {"k_max": 5, "initial": 7}, ValueError, r"initial \(7\) must lie in \[k_min, k_max\] = \[1, 5\]"),
     ((0.1,), {"train_mode": 1}, TypeError, r"AdaptiveK2: train_mode must be a bool, got int"),
+    ((0.1,), {"batches": 0}, ValueError, r"AdaptiveK2: batches must be >= 1, got 0"),
 ])
 def test_bad_input_is_named(args, kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -218,7 +247,8 @@ def test_bad_input_is_named(args, kwargs, error, message):
 
 def test_the_defaults():
     adaptive = AdaptiveK2(0.1)
-    assert (adaptive.k_min, adaptive.k_max, adaptive.max_lag, adaptive.every, adaptive.train_mode) == (1, 300, 100, 100, True)
+    assert (adaptive.k_min, adaptive.k_max, adaptive.max_lag, adaptive.every, adaptive.train_mode, adaptive.batches) == (
+        1, 300, 100, 100, True, 1)
 
 
 def test_a_first_batch_too_short_to_measure_is_named():
