@@ -94,7 +94,8 @@ class AdaptiveK2:
             raise TypeError(f"AdaptiveK2: delta must be a float in (0, 1), got {type(delta).__name__} ({delta!r})")
         if not 0 < delta < 1:
             raise ValueError(f"AdaptiveK2: delta, the tolerable relative bias, must be in (0, 1), got {delta!r}")
-        for name, value in (("every", every), ("k_min", k_min), ("k_max", k_max), ("max_lag", max_lag), ("batches", batches)):
+        positive = (("every", every), ("k_min", k_min), ("k_max", k_max), ("max_lag", max_lag), ("batches", batches))
+        for name, value in positive:
             check_positive_int(f"AdaptiveK2: {name}", value)
         if k_min > k_max:
             raise ValueError(f"AdaptiveK2: k_min ({k_min}) must be <= k_max ({k_max})")
@@ -113,7 +114,8 @@ class AdaptiveK2:
 
     def __repr__(self) -> str:
         return (f"AdaptiveK2(delta={self.delta}, every={self.every}, k_min={self.k_min}, k_max={self.k_max}, "
-                f"max_lag={self.max_lag}, initial={self.initial}, train_mode={self.train_mode}, batches={self.batches})")
+                f"max_lag={self.max_lag}, initial={self.initial}, train_mode={self.train_mode}, "
+                f"batches={self.batches})")
 
     def due(self, updates: int) -> bool:
         """Whether an estimate is due at a batch start after ``updates`` updates (chunks) of the run."""
@@ -135,9 +137,9 @@ class AdaptiveK2:
         K = min(self.k_max, max(self.k_min, wanted))
         if K != wanted:
             bound = "k_max" if K == self.k_max else "k_min"
+            cost = " (the truncated gradient then has a larger bias)" if bound == "k_max" else ""
             self._warn_once(bound, f"AdaptiveK2: the estimate wants K = {wanted} for delta = {self.delta}, clamped to "
-                            f"{bound} = {K}{' (the truncated gradient then has a larger bias)' if bound == 'k_max' else ''}; "
-                            "later clamps to it are not warned about")
+                            f"{bound} = {K}{cost}; later clamps to it are not warned about")
         return K
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -191,14 +193,15 @@ def check_window_kind(k2: Any) -> None:
     measured decay). Random truncation compensates the windows it draws, and the adaptive window sets them: a
     pair or list of both has no meaning the trainer could give it.
 
-    >>> check_window_kind((ARTBP(0.1), AdaptiveK2(0.1)))
+    >>> check_window_kind((ARTBP(0.1), AdaptiveK2(0.1)))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    TypeError: k2 takes one window kind, got a tuple of ARTBP and AdaptiveK2: ARTBP(p) draws random truncations and compensates them, AdaptiveK2(delta) sets the window from the measured decay; pass one of them
+    TypeError: k2 takes one window kind, got a tuple of ARTBP and AdaptiveK2: ARTBP(p) draws ...; pass one of them
     """
     if isinstance(k2, (tuple, list, set)):
         kinds = [type(part).__name__ for part in k2]
         raise TypeError(
             f"k2 takes one window kind, got a {type(k2).__name__} of {' and '.join(kinds)}: ARTBP(p) draws random "
-            "truncations and compensates them, AdaptiveK2(delta) sets the window from the measured decay; pass one of them"
+            "truncations and compensates them, AdaptiveK2(delta) sets the window from the measured decay; "
+            "pass one of them"
         )

@@ -116,7 +116,8 @@ class GradientHorizon:
         # Beyond the measured lags the estimate is phi_tau * beta**(K - tau) / (1 - beta) / D: solve for K, then
         # settle on the defining property (the logarithms may land one off).
         phi_tau = float(self.norms[self.tail_start])
-        K = self.tail_start + max(1, math.ceil(math.log(delta * self.mass * (1 - self.decay) / phi_tau) / math.log(self.decay)))
+        steps = math.log(delta * self.mass * (1 - self.decay) / phi_tau) / math.log(self.decay)
+        K = self.tail_start + max(1, math.ceil(steps))
         K = max(K, len(self._dropped))
         while K > len(self._dropped) and self.relative_bias(K - 1) <= delta:
             K -= 1
@@ -305,8 +306,8 @@ def gradient_horizon(
     if horizon.decay >= 1:
         warnings.warn(
             f"gradient_horizon: the gradient norms do not decay geometrically over lags 0..{max_lag} (fitted decay "
-            f"beta = {horizon.decay:.4g} >= 1): the tail of the bias estimate is void (suggest raises where the measured "
-            "lags do not suffice)",
+            f"beta = {horizon.decay:.4g} >= 1): the tail of the bias estimate is void (suggest raises where the "
+            "measured lags do not suffice)",
             UserWarning, stacklevel=2,
         )
     return horizon
@@ -327,7 +328,9 @@ class _Marks(NamedTuple):
             if t is not None:
                 if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or tuple(t.shape) != shape:
                     got = f"shape {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ValueError(f"{name} must be a bool tensor of the shape of x's first two axes {shape}, got {got}")
+                    raise ValueError(
+                        f"{name} must be a bool tensor of the shape of x's first two axes {shape}, got {got}"
+                    )
                 t = t.to(x.device)
                 t = t if dim == 0 else t.transpose(0, 1)
             out[name] = t
@@ -392,7 +395,8 @@ def _measure(
                 state = _entering(state)
                 entering.append(state)
                 y_pred, state = _step(model, model_fn, x, dim, t, state, marks, protocol)
-            valid = None if counted is None else counted.unsqueeze(dim)  # in the layout of the last step's (time, batch)
+            # in the layout of the last step's (time, batch) axes
+            valid = None if counted is None else counted.unsqueeze(dim)
             pair = masked_pair(y_pred, y.narrow(dim, last, 1), valid, dim)
             loss = loss_fn(*pair)
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
