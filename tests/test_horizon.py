@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ignite_tbptt import GradientHorizon, gradient_horizon
+from tests.test_merge_calls import LSTMCellNet
 
 
 class LinearRNN(nn.Module):
@@ -300,22 +301,14 @@ class LinearSystem(nn.Module):
         return torch.stack(outs), h
 
 
-class CellLSTM(nn.Module):
-    """An ``nn.LSTMCell`` net (state ``(h, c)``, batch at 0), its forget gates' bias raised by ``forget_bias``."""
-
-    def __init__(self, forget_bias=0.0, n_in=2, size=8):
-        super().__init__()
-        torch.manual_seed(0)
-        self.cell, self.head = nn.LSTMCell(n_in, size).double(), nn.Linear(size, 2).double()
-        with torch.no_grad():
-            self.cell.bias_hh[size:2 * size] += forget_bias
-
-    def forward(self, x, hidden=None):
-        outs = []
-        for x_t in x.unbind(0):
-            hidden = self.cell(x_t, hidden)
-            outs.append(self.head(hidden[0]))
-        return torch.stack(outs), hidden
+def lstm_cell(forget_bias=0.0, size=8):
+    """An ``nn.LSTMCell`` net (state ``(h, c)``, batch at 0) in float64, its forget gates' bias raised by
+    ``forget_bias``."""
+    torch.manual_seed(0)
+    model = LSTMCellNet(n_hidden=size).double()
+    with torch.no_grad():
+        model.cell.bias_hh[size:2 * size] += forget_bias
+    return model
 
 
 def orthogonal(size, rho):
@@ -350,8 +343,8 @@ SYSTEMS = {  # name: (model, time steps); a sequence long enough for the full gr
     "linear, rho = 0.99": (lambda: LinearSystem(orthogonal(6, 0.99)), 1200),
     "two timescales, 0.8 and 0.99": (lambda: LinearSystem(torch.diag(torch.tensor([0.8] * 3 + [0.99] * 3, dtype=torch.float64))), 1200),
     "tanh, rho = 1.2": (lambda: LinearSystem(orthogonal(16, 1.2), n_in=4, tanh=True), 400),
-    "LSTM": (lambda: CellLSTM(), 300),
-    "LSTM, forget bias 3": (lambda: CellLSTM(forget_bias=3.0), 400),
+    "LSTM": (lambda: lstm_cell(), 300),
+    "LSTM, forget bias 3": (lambda: lstm_cell(forget_bias=3.0), 400),
 }
 
 
