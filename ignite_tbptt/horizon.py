@@ -3,9 +3,10 @@
 TBPTT with a window of ``k2`` steps drops every path of the gradient that runs back further than ``k2`` steps.
 How much that costs depends on how fast the backpropagated gradient decays with the lag. Aicher, Foti and Fox
 (UAI 2019, "Adaptively Truncating Backpropagation Through Time to Control Gradient Bias") measure that decay,
-fit it as geometric, ``phi_k ~ c * beta**k``, and turn a tolerable relative bias ``delta`` into a truncation
-length. :func:`gradient_horizon` does the measurement and the fit on one batch; the method is theirs, this
-code our own. The formulas it implements are stated in its docstring.
+estimate the gradient mass a truncation drops from the measured norms and a geometric tail fitted to them,
+``phi_k ~ c * beta**k``, and turn a tolerable relative bias ``delta`` into a truncation length.
+:func:`gradient_horizon` does the measurement and the fit on one batch, :class:`GradientHorizon` the estimate;
+the method is theirs, this code our own. The formulas it implements are stated in the docstrings.
 """
 
 import contextlib
