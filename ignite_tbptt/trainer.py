@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events, _prepare_batch
 from torch import nn
 
-from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2
+from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2, check_window_kind
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
 from ignite_tbptt.batches import NothingToTrain, batch_chunks, batch_size_of, checked_loss, chunk_sequence, split_batch
 from ignite_tbptt.checks import batch_axis_probe, check_output_length, check_state_passing
@@ -546,6 +546,7 @@ def create_supervised_tbptt_trainer(
         >>> state.time_iteration
         20
     """
+    check_window_kind(k2)
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
