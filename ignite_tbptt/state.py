@@ -20,7 +20,7 @@ are carried as they are; every tensor leaf, integer ones included, is reset and 
 """
 
 import warnings
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
@@ -261,12 +261,6 @@ def _device(hidden: Hidden) -> Any:
     return "cpu"
 
 
-def _versions(hidden: Optional[Hidden]) -> Sequence[Tuple[torch.Tensor, int]]:
-    if hidden is None:
-        return ()
-    return [(t, t._version) for t in tree_flatten(hidden)[0] if isinstance(t, torch.Tensor)]
-
-
 def own_containers(hidden: Optional[Hidden]) -> Optional[Hidden]:
     """``hidden`` in containers of its own (the same leaves): what a model writes into them stays there."""
     leaves, spec = tree_flatten(hidden)
@@ -283,9 +277,10 @@ def call_model_checked(call: Callable[[Any, Optional[Hidden]], Any], x: Any, hid
     counter sees. So the model gets containers of its own, and the state it returns is moved into new ones
     too, in case the model keeps and fills them later; the leaves are shared, and nothing is copied.
     """
-    before = _versions(hidden)
+    leaves, spec = tree_flatten(hidden)
+    before = [(t, t._version) for t in leaves if isinstance(t, torch.Tensor)]
     try:
-        out = call(x, own_containers(hidden))
+        out = call(x, tree_unflatten(leaves, spec))
     except RuntimeError as error:  # autograd refuses in-place changes to a state leaf that collects a gradient
         if "leaf Variable that requires grad is being used in an in-place operation" not in str(error):
             raise
@@ -297,6 +292,14 @@ def call_model_checked(call: Callable[[Any, Optional[Hidden]], Any], x: Any, hid
     if isinstance(out, (tuple, list)) and len(out) == 2:
         return out[0], own_containers(out[1])
     return out
+
+
+def _changed_in_place(name: str) -> str:
+    return (
+        f"the model changed the state leaf {name} in place (a copy_, add_ or index assignment on the hidden state it "
+        "was given): the trainer keeps that tensor for the window, and its gradient would be wrong. Return a new "
+        "tensor instead (for example state = state.clone() before updating it)"
+    )
 
 
 class DetachedStateCheck:
@@ -340,11 +343,3 @@ class DetachedStateCheck:
                 "Return the state with its graph (x-transformers: detach_mems=False) or leave k2 at tbtt_step",
                 UserWarning, stacklevel=3,
             )
-
-
-def _changed_in_place(name: str) -> str:
-    return (
-        f"the model changed the state leaf {name} in place (a copy_, add_ or index assignment on the hidden state it "
-        "was given): the trainer keeps that tensor for the window, and its gradient would be wrong. Return a new "
-        "tensor instead (for example state = state.clone() before updating it)"
-    )

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
-from ignite_tbptt import Tbptt_Events, check_state_passing, create_supervised_tbptt_trainer
+from ignite_tbptt import check_state_passing, create_supervised_tbptt_trainer
 from tests.reference import reference_chunked_trajectory
 
 T, B, N_IN = 12, 3, 4
