@@ -20,7 +20,7 @@ from ignite_tbptt.horizon import DEFAULT_MAX_LAG, GradientHorizon, gradient_hori
 from ignite_tbptt.schedule import ARTBP, check_positive_int
 from ignite_tbptt.sequences import SequenceInfo
 
-__all__ = ["ADAPTIVE_K2_KEY", "AdaptiveK2", "check_window_kind", "horizon_marks"]
+__all__ = ["ADAPTIVE_K2_KEY", "AdaptiveK2", "check_window_kind"]
 
 #: The key of an ``AdaptiveK2``'s state (its window and estimates) in the trainer's ``state_dict()``.
 ADAPTIVE_K2_KEY = "tbptt_adaptive_k2"

@@ -407,7 +407,7 @@ SEQ_DELTA, SEQ_LAG, SEQ_T = 0.05, 12, 20  # one batch of 20 steps, lags 0..12: t
 
 
 def first_estimate(batch, dim=0, **options):
-    """The trainer's ``AdaptiveK2`` after its estimate on ``batch``, the first (so at the model's initial parameters)."""
+    """The trainer's ``AdaptiveK2`` after its first estimate, on ``batch`` (at the initial parameters)."""
     model = make_model("LSTM", batch_first=dim == 1)
     trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.MSELoss(), K1,
                                               k2=AdaptiveK2(SEQ_DELTA, k_max=50, max_lag=SEQ_LAG), dim=dim, **options)
