@@ -40,7 +40,7 @@ class AdaptiveK2:
     train mode (``train_mode``), averaged over the batch's samples (and over ``batches`` consecutive batches),
     from the carried state where there is one, with the trainer's ``loss_fn``, ``model_fn``, ``dim``,
     ``hidden_batch_dim`` and ``reset_hidden``, and the batch's resets, padding, masks and burn-in targets
-    (:func:`horizon_marks`; the gradient's cut at the end of a burn-in is not applied). Then
+    (``horizon_marks``; the gradient's cut at the end of a burn-in is not applied). Then
 
         ``K = clamp(horizon.suggest(delta), k_min, k_max)``,  the window ``k2 = k1 + K - 1``,
 
