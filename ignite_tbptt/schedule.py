@@ -74,7 +74,7 @@ def check_steps(k1: int, k2: int) -> None:
     """
     for name, value in (("tbtt_step", k1), ("k2", k2)):
         if isinstance(value, bool) or not isinstance(value, int):
-            other = " or ARTBP(p) (random truncation)" if name == "k2" else ""
+            other = " or ARTBP(p) (random truncation) or AdaptiveK2(delta) (adaptive)" if name == "k2" else ""
             raise TypeError(f"{name} must be an int{other}, got {type(value).__name__} ({value!r})")
     if k1 < 1:
         raise ValueError(f"tbtt_step must be >= 1, got {k1}")

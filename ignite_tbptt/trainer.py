@@ -13,10 +13,10 @@ import torch
 from ignite.engine import Engine, Events, _prepare_batch
 from torch import nn
 
-from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2
+from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2, check_window_kind, horizon_marks
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
 from ignite_tbptt.batches import NothingToTrain, batch_chunks, batch_size_of, checked_loss, chunk_sequence, split_batch
-from ignite_tbptt.checks import check_state_passing
+from ignite_tbptt.checks import batch_axis_probe, check_output_length, check_state_passing
 from ignite_tbptt.carry import (
     CHUNK_LENGTHS_KEY, TRUNCATION_DRAWS_KEY, CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine,
 )
@@ -26,8 +26,8 @@ from ignite_tbptt.schedule import (
     ARTBP, BatchPlan, Chunk, RandomLength, Reach, Steps, Window, bptt_of, check_positive_int, check_steps, plan_batch,
 )
 from ignite_tbptt.lifecycle import options_of
-from ignite_tbptt.sequences import clear_padding, masked_pair
-from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
+from ignite_tbptt.sequences import SequenceInfo, clear_padding, masked_pair
+from ignite_tbptt.state import DEFAULT_BATCH_DIM, BatchDims, DetachedStateCheck, ResetFn, StateProtocol
 from ignite_tbptt.updates import (
     SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, AccumulationGroup, BurnInTally, all_finite, count_skipped_updates, count_window_lengths,
     scaled_learning_rate, scaler_step,
@@ -84,7 +84,7 @@ def supervised_tbptt_training_step(
     scaler: Union[bool, "torch.amp.GradScaler"] = False,
     gradient_accumulation_steps: int = 1,
     clip_grad_norm: Optional[float] = None,
-    hidden_batch_dim: BatchDims = -2,
+    hidden_batch_dim: BatchDims = DEFAULT_BATCH_DIM,
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
     check_state: bool = False,
@@ -254,8 +254,12 @@ def supervised_tbptt_training_step(
             y_pred = window.forward(chunk, later, x_t, gates)
             if recompute and window.merge_calls != getattr(engine.state, MERGE_CALLS_ATTR, None):
                 report_merge(engine)
+            check_output_length(y_pred, x_t, dim)
+            # The kept state tells only where this chunk computed it with a graph (recompute may keep an older one).
+            stale = any(g.frozen for g in gates) or getattr(window, "state_at", chunk.stop) <= chunk.start
+            detached_state(window.hidden, stale)
             if check_axes:
-                state.check(window.hidden, batch_size_of(x_t, dim))
+                state.check(window.hidden, batch_size_of(x_t, dim), lambda: batch_axis_probe(model, model_fn, x_t, dim))
             loss = checked_loss(loss_fn(*masked_pair(y_pred, y_t, valid, dim))) if weight else None
         backward(loss, weight, chunk.length)
         if monitor_state_grads:
@@ -272,10 +276,11 @@ def supervised_tbptt_training_step(
         return detached(y_pred) if keep_predictions else None, engine.state.output, weight
 
     unchecked = check_state  # the state-passing check runs on the first batch longer than one chunk
+    detached_state = DetachedStateCheck(artbp is not None or adaptive is not None or k2 > bptt)
     nothing = NothingToTrain()
     tally = BurnInTally(burn_in) if burn_in else None
 
-    def adapted_reach(engine: Engine, x: Any, y: Any, offset: int) -> Reach:
+    def adapted_reach(engine: Engine, x: Any, y: Any, info: Optional[SequenceInfo], offset: int) -> Reach:
         """Re-estimate ``K`` where due, on this batch from the carried state; the reach of this batch's windows.
 
         The new ``K`` sets the next batch's windows, which this batch's plan provides for; this batch keeps the
@@ -284,17 +289,20 @@ def supervised_tbptt_training_step(
         updates = getattr(engine.state, TIME_ITERATION_ATTR, 0)
         if adaptive.due(updates):
             x_t, y_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)
+            # Measured as it is trained on: padding cleared, resets made, unscored targets left out.
+            x_t = clear_padding(x_t, info, slice(0, x_t.shape[dim]), dim)
             hidden = stream.window.state_at_stop() if offset else None
             adaptive.estimate(model, x_t, y_t, loss_fn, updates, tbtt_step=bptt, model_fn=model_fn, dim=dim,
-                              hidden_batch_dim=hidden_batch_dim, hidden=hidden, reset_hidden=reset_hidden)
+                              hidden_batch_dim=hidden_batch_dim, hidden=hidden, reset_hidden=reset_hidden,
+                              **horizon_marks(info, dim))
         overlap = adaptive.K - 1
         provided = stream.reach if offset else None
         return Reach(overlap, overlap) if provided is None else provided._replace(next_overlap=overlap)
 
-    def plan_of(engine: Engine, x: Any, y: Any, length: int, offset: int) -> BatchPlan:
+    def plan_of(engine: Engine, x: Any, y: Any, info: Optional[SequenceInfo], length: int, offset: int) -> BatchPlan:
         """The batch's plan; what it leaves the next batch's plan is kept in the stream, its window in steps in
         ``engine.state.k2``."""
-        window = (artbp or k2) if adaptive is None else adapted_reach(engine, x, y, offset)
+        window = (artbp or k2) if adaptive is None else adapted_reach(engine, x, y, info, offset)
         plan = plan_batch(length, offset, lengths or tbtt_step, window, stream.carry, stream.truncations)
         stream.truncations, stream.reach = plan.truncations, plan.reach
         setattr(engine.state, K2_ATTR, plan.k2)
@@ -347,7 +355,7 @@ def supervised_tbptt_training_step(
         check_state_once(x, y, length)
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         info = stream.mark_burn_in(info, length)
-        plan = plan_of(engine, x, y, length, offset)
+        plan = plan_of(engine, x, y, info, length, offset)
         model.train()
         total, total_weight, predictions = run_plan(engine, plan, x, y, info, offset, length)
         nothing.check(x, info, dim, engine.state.iteration)
@@ -394,7 +402,7 @@ def create_supervised_tbptt_trainer(
     scaler: Union[bool, "torch.amp.GradScaler"] = False,
     gradient_accumulation_steps: int = 1,
     clip_grad_norm: Optional[float] = None,
-    hidden_batch_dim: BatchDims = -2,
+    hidden_batch_dim: BatchDims = DEFAULT_BATCH_DIM,
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
     check_state: bool = False,
@@ -480,7 +488,9 @@ def create_supervised_tbptt_trainer(
         hidden_batch_dim: the batch axis of the hidden-state tensors (``-2`` fits ``nn.RNN``/``GRU``/``LSTM``
             and the cells), used for per-sample resets, padding and burn-in: one int for every leaf, or a
             structure of ints matching the hidden state (``{"ssm": 0, "conv": 0}``). A batch with sequence
-            information checks it at its first chunk, before any update. See :mod:`ignite_tbptt.state`.
+            information checks it at its first chunk, before any update; where a leaf has the batch's size at
+            several axes, a probe that changes one sample's input finds which (or the check asks for it).
+            See :mod:`ignite_tbptt.state`.
         checkpoint_every: memory-efficient windows for very long ``k2``: run each window in segments of at
             most this many steps under activation checkpointing (Gruslys et al. 2016), keeping one state per
             segment and rebuilding a segment's activations during the backward pass. About ``sqrt(k2)``
@@ -539,6 +549,7 @@ def create_supervised_tbptt_trainer(
         >>> state.time_iteration
         20
     """
+    check_window_kind(k2)
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,

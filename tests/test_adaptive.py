@@ -11,7 +11,9 @@ from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from ignite_tbptt import AdaptiveK2, ARTBP, RandomLength, Tbptt_Events, create_supervised_tbptt_trainer, gradient_horizon
+from ignite_tbptt import (
+    AdaptiveK2, ARTBP, GradientHorizon, RandomLength, Tbptt_Events, create_supervised_tbptt_trainer, gradient_horizon,
+)
 from tests.models import make_data, make_model
 from tests.reference import reference_trajectory
 from tests.test_k1k2 import LR, assert_same_trajectory
@@ -60,6 +62,10 @@ def windows_for(Ks, k1=K1, length=LENGTH):
 # ---- the window is the horizon's suggestion ------------------------------------------------------------------------
 
 
+CLAMPED = "ignore:AdaptiveK2. the estimate wants"  # a small k_max on purpose: the clamp's warning is tested below
+
+
+@pytest.mark.filterwarnings(CLAMPED)
 @pytest.mark.parametrize("overlap", MODES)
 def test_the_window_is_the_horizons_suggestion_on_the_batches_seen(overlap):
     """Learning rate 0: the state the trainer carries into batch b is the model run over the batches before it."""
@@ -72,11 +78,37 @@ def test_the_window_is_the_horizons_suggestion_on_the_batches_seen(overlap):
         hidden = None if b == 0 else model(x[:b * LENGTH])[1]
         horizon = gradient_horizon(model, *batches[b], nn.MSELoss(), max_lag=8, tbtt_step=K1,
                                    hidden=None if hidden is None else tuple(h.detach() for h in hidden))
-        expected.append(min(k_max, max(1, math.ceil(math.log(delta) / math.log(horizon.decay)))))
+        expected.append(min(k_max, max(1, horizon.suggest(delta))))
     Ks = [K for _, K, _ in trainer.adaptive_k2.history]
     assert Ks == expected
     assert [u for u, _, _ in trainer.adaptive_k2.history] == [0, 4, 8, 12]  # every=1: at every batch's start
     assert record["windows"] == windows_for(Ks)
+
+
+def test_an_estimate_averages_several_batches():
+    """batches=3: the norms of three consecutive batches averaged, K from the mean so far at each of them."""
+    x, y, batches = stream_batches()
+    delta, k_max = 0.05, 50
+    _, trainer = train(make_model("LSTM"), batches, AdaptiveK2(delta, every=100, k_max=k_max, max_lag=8, batches=3),
+                       "recompute", lr=0.0)
+    model, norms, expected = make_model("LSTM"), [], []
+    for b in range(3):
+        hidden = None if b == 0 else tuple(h.detach() for h in model(x[:b * LENGTH])[1])
+        norms.append(gradient_horizon(model, *batches[b], nn.MSELoss(), max_lag=8, tbtt_step=K1, hidden=hidden).norms)
+        mean = GradientHorizon.from_norms(torch.stack(norms).mean(0))
+        expected.append((4 * b, min(k_max, mean.suggest(delta)), mean.decay))
+    assert [(u, K) for u, K, _ in trainer.adaptive_k2.history] == [(u, K) for u, K, _ in expected]
+    assert [beta for _, _, beta in trainer.adaptive_k2.history] == pytest.approx([beta for _, _, beta in expected], rel=1e-9)
+    assert len({K for _, K, _ in expected}) > 1  # the mean moves K: the test sees the averaging
+    assert trainer.adaptive_k2.last_at == 8 and trainer.state_dict()["tbptt_adaptive_k2"]["pending"] == []
+    # Mid-estimate, the batches measured so far are saved and the estimate stays due.
+    _, trainer = train(make_model("LSTM"), batches[:2], AdaptiveK2(delta, every=100, k_max=k_max, max_lag=8, batches=3),
+                       "recompute", lr=0.0)
+    saved = trainer.state_dict()["tbptt_adaptive_k2"]
+    assert torch.tensor(saved["pending"], dtype=torch.float64).equal(torch.stack(norms[:2]))
+    resumed = AdaptiveK2(delta, every=100, k_max=k_max, max_lag=8, batches=3)
+    resumed.load_state_dict(saved)
+    assert resumed.due(8) and resumed.K == expected[1][1]
 
 
 @pytest.fixture
@@ -205,19 +237,35 @@ def test_a_resumed_run_continues_with_the_window(overlap, tmp_path, scripted):
     ((0.1,), {"k_max": 5.0}, TypeError, r"AdaptiveK2: k_max must be an int, got float"),
     ((0.1,), {"k_max": 5, "every": True}, TypeError, r"AdaptiveK2: every must be an int, got bool"),
     ((0.1,), {"k_max": 5, "initial": 7}, ValueError, r"initial \(7\) must lie in \[k_min, k_max\] = \[1, 5\]"),
-    ((0.1,), {}, TypeError, r"k_max"),
+    ((0.1,), {"train_mode": 1}, TypeError, r"AdaptiveK2: train_mode must be a bool, got int"),
+    ((0.1,), {"batches": 0}, ValueError, r"AdaptiveK2: batches must be >= 1, got 0"),
 ])
 def test_bad_input_is_named(args, kwargs, error, message):
     with pytest.raises(error, match=message):
         AdaptiveK2(*args, **kwargs)
 
 
+def test_the_defaults():
+    adaptive = AdaptiveK2(0.1)
+    assert (adaptive.k_min, adaptive.k_max, adaptive.max_lag, adaptive.every, adaptive.train_mode, adaptive.batches) == (
+        1, 300, 100, 100, True, 1)
+
+
 def test_a_first_batch_too_short_to_measure_is_named():
     model = make_model("GRU")
     trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), 0.1), nn.MSELoss(), K1,
-                                              k2=AdaptiveK2(0.1, k_max=20))
-    with pytest.raises(ValueError, match=r"first batch has 12 time steps, and measuring lags 0..20 needs max_lag \+ 1 = 21"):
+                                              k2=AdaptiveK2(0.1))
+    with pytest.raises(ValueError, match=r"first batch has 12 time steps, and measuring lags 0..100 needs max_lag \+ 1 = 101"):
         trainer.run(stream_batches()[2][:1])
+
+
+@pytest.mark.parametrize("k2", [(ARTBP(0.2), AdaptiveK2(0.1)), [AdaptiveK2(0.1), ARTBP(0.2)]])
+def test_artbp_and_adaptive_together_name_both(k2):
+    model = make_model("GRU")
+    with pytest.raises(TypeError, match=r"k2 takes one window kind, got a (tuple of ARTBP and AdaptiveK2|list of AdaptiveK2 and ARTBP)"):
+        create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), 0.1), nn.MSELoss(), K1, k2=k2)
+    with pytest.raises(TypeError, match=r"k2 must be an int or ARTBP\(p\) \(random truncation\) or AdaptiveK2\(delta\) \(adaptive\), got str"):
+        create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), 0.1), nn.MSELoss(), K1, k2="adaptive")
 
 
 def test_no_decay_takes_k_max_with_one_warning():
@@ -225,10 +273,52 @@ def test_no_decay_takes_k_max_with_one_warning():
     with torch.no_grad():
         model.A.copy_(1.1 * torch.eye(3, dtype=torch.float64))  # the gradient grows by 1.1 a step back
     _, _, batches = stream_batches()
-    with pytest.warns(UserWarning, match=r"AdaptiveK2: no geometric decay .*beta = 1.1\). .*K = k_max = 7") as caught:
+    with pytest.warns(UserWarning, match=r"AdaptiveK2: no K can be estimated from this batch: no geometric decay was "
+                      r"measured \(decay beta = 1.1\).*K = k_max = 7") as caught:
         _, trainer = train(model, batches, AdaptiveK2(0.1, every=1, k_max=7, max_lag=6), "retain", lr=0.0)
     assert [(K, round(beta, 6)) for _, K, beta in trainer.adaptive_k2.history] == [(7, 1.1)] * BATCHES
     assert sum("no geometric decay" in str(w.message) for w in caught) == 1
+
+
+class Scaled(nn.Module):
+    """The GRU test model with its output times ``scale``: ``inf`` overflows the loss, ``0`` leaves no gradient."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.inner, self.scale = make_model("GRU"), scale
+
+    def forward(self, x, hidden=None):
+        y, hidden = self.inner(x, hidden)
+        return y * self.scale, hidden
+
+
+@pytest.mark.parametrize("scale, why", [
+    (float("inf"), r"the gradient norms are not finite at lags \[0, 1, 2, 3, 4\]\.\.\.: the loss or the model overflowed"),
+    (0.0, r"the gradient of the last step's loss is zero at every lag"),
+])
+def test_nothing_measurable_says_why(scale, why):
+    _, _, batches = stream_batches()
+    with pytest.warns(UserWarning, match=r"AdaptiveK2: no K can be estimated from this batch: " + why + r".*K = k_max = 9"):
+        _, trainer = train(Scaled(scale), batches[:1], AdaptiveK2(0.1, every=1, k_max=9, max_lag=8), "recompute", lr=0.0)
+    assert trainer.adaptive_k2.K == 9
+
+
+def test_a_clamp_warns_with_the_K_it_wanted():
+    """A linear recurrence of rate 0.9: the estimate wants K = 33 at delta = 0.05 (the closed form of
+    test_horizon's geometric test with max_lag = 10); k_max = 7 clamps it, once with a warning."""
+    model = LinearRNN()
+    with torch.no_grad():
+        model.A.copy_(0.9 * torch.eye(3, dtype=torch.float64))
+    _, _, batches = stream_batches()
+    wanted = math.ceil(math.log(0.05 * (1 - 2 * 0.9 ** 11)) / math.log(0.9))
+    with pytest.warns(UserWarning, match=rf"the estimate wants K = {wanted} for delta = 0.05, clamped to k_max = 7") as caught:
+        _, trainer = train(model, batches, AdaptiveK2(0.05, every=1, k_max=7, max_lag=10), "retain", lr=0.0)
+    assert [K for _, K, _ in trainer.adaptive_k2.history] == [7] * BATCHES
+    assert sum("clamped" in str(w.message) for w in caught) == 1
+    with torch.no_grad():
+        model.A.copy_(0.3 * torch.eye(3, dtype=torch.float64))  # 0.3 ** 1 <= 0.9 * (1 - 2 * 0.3 ** 11): K = 1
+    with pytest.warns(UserWarning, match=r"the estimate wants K = 1 for delta = 0.9, clamped to k_min = 5"):
+        train(model, batches[:1], AdaptiveK2(0.9, every=1, k_min=5, k_max=7, max_lag=10), "retain", lr=0.0)
 
 
 def test_the_monitor_needs_retain():
@@ -300,6 +390,7 @@ def test_the_monitor_reports_the_state_gradient_at_each_chunk_start(k2):
     assert len(seen[-1]) == (1 + (k2 - K1) // K1 if k2 > K1 else 0)
 
 
+@pytest.mark.filterwarnings(CLAMPED)
 @pytest.mark.parametrize("k2", [6, AdaptiveK2(0.1, every=2, k_max=8, max_lag=4)])
 def test_the_monitor_changes_nothing(k2):
     _, _, batches = stream_batches()
@@ -308,3 +399,93 @@ def test_the_monitor_changes_nothing(k2):
     for a, b in zip(plain["params"], monitored["params"]):
         assert all(torch.equal(a[n], b[n]) for n in a)
     assert trainer.state.state_grad_norms.dim() == 1
+
+
+# ---- the estimate sees the batch's resets, padding, masks and burn-in -----------------------------------------------
+
+SEQ_DELTA, SEQ_LAG, SEQ_T = 0.05, 12, 20  # one batch of 20 steps, lags 0..12: the estimate runs before any update
+
+
+def first_estimate(batch, dim=0, **options):
+    """The trainer's ``AdaptiveK2`` after its first estimate, on ``batch`` (at the initial parameters)."""
+    model = make_model("LSTM", batch_first=dim == 1)
+    trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.MSELoss(), K1,
+                                              k2=AdaptiveK2(SEQ_DELTA, k_max=50, max_lag=SEQ_LAG), dim=dim, **options)
+    trainer.run([batch])
+    return trainer.adaptive_k2
+
+
+def measured(x, y, dim=0, max_lag=SEQ_LAG, **marks):
+    """``gradient_horizon`` called directly, on the same initial model, with the trainer's options."""
+    model = make_model("LSTM", batch_first=dim == 1)
+    return gradient_horizon(model, x, y, nn.MSELoss(), max_lag=max_lag, tbtt_step=K1, dim=dim, **marks)
+
+
+def assert_estimated_as(adaptive, horizon):
+    torch.testing.assert_close(adaptive.horizon.norms, horizon.norms, rtol=0, atol=1e-12)
+    assert adaptive.K == horizon.suggest(SEQ_DELTA)
+
+
+@pytest.mark.parametrize("dim", [0, 1], ids=["time-first", "batch-first"])
+def test_a_batch_whose_rows_all_reset_is_measured_from_the_resets(dim):
+    """The issue's case: every row starts a new document 6 steps before the end. Lags 5.. reach the states from
+    before the reset and count 0, lags 0..4 are the new documents' own: K is 5, the whole of them, not the 10 of
+    the lags measured across the reset."""
+    x, y = make_data(SEQ_T, batch_first=dim == 1)
+    resets = torch.zeros(SEQ_T, 3, dtype=torch.bool)
+    resets[SEQ_T - 6] = True
+    resets = resets if dim == 0 else resets.t()
+    adaptive = first_estimate((x, y, {"resets": resets}), dim)
+    honest = measured(x, y, dim, resets=resets)
+    assert_estimated_as(adaptive, honest)
+    pieces = [t.narrow(dim, SEQ_T - 6, 6) for t in (x, y)]  # the documents after the reset, measured alone
+    torch.testing.assert_close(honest.norms[:5], measured(*pieces, dim, max_lag=5).norms[:5], rtol=0, atol=1e-12)
+    assert (honest.norms[5:] == 0).all()
+    assert (adaptive.K, measured(x, y, dim).suggest(SEQ_DELTA)) == (5, 10)
+
+
+@pytest.mark.parametrize("key", ["lengths", "mask"])
+def test_padded_samples_are_left_out_of_the_estimate(key):
+    """Sample 1 ends at step 15, and its padding is NaN (a float series padded with ``padding_value=nan``): the
+    estimate is the other two samples' alone, not the ``k_max`` of non-finite norms. A ``"mask"`` holds the state
+    as ``"lengths"`` does, so both are padding to the measurement."""
+    x, y = make_data(SEQ_T)
+    x[15:, 1], y[15:, 1] = float("nan"), float("nan")
+    lengths = torch.tensor([SEQ_T, 15, SEQ_T])
+    valid = torch.arange(SEQ_T).unsqueeze(1) < lengths
+    adaptive = first_estimate((x, y, {"lengths": lengths} if key == "lengths" else {"mask": valid}))
+    full = [0, 2]
+    assert_estimated_as(adaptive, measured(x[:, full], y[:, full]))
+    assert adaptive.K < adaptive.k_max
+    assert not torch.isfinite(measured(x, y).norms).all()  # what the padded sample did to the estimate before
+
+
+def test_burn_in_targets_are_left_out_of_the_estimate():
+    """burn_in=3: sample 0 starts afresh 2 steps before the end and is still warming up at the last step, so its
+    target there scores nothing and it is left out; the others' resets are made. (The cut at a burn-in's end is
+    not applied: sample 2's lags 3..5 count, though the trainer's gradient stops 3 steps after its reset.)"""
+    x, y = make_data(SEQ_T)
+    resets = torch.zeros(SEQ_T, 3, dtype=torch.bool)
+    resets[SEQ_T - 2, 0] = resets[SEQ_T - 6, 2] = True
+    adaptive = first_estimate((x, y, {"resets": resets}), burn_in=3)
+    scored = torch.ones(SEQ_T, 3, dtype=torch.bool)
+    scored[:3] = False  # the stream's own burn-in
+    scored[SEQ_T - 2:, 0] = scored[SEQ_T - 6:SEQ_T - 3, 2] = False
+    assert_estimated_as(adaptive, measured(x, y, resets=resets, mask=scored))
+    torch.testing.assert_close(adaptive.horizon.norms, measured(x[:, 1:], y[:, 1:], resets=resets[:, 1:]).norms,
+                               rtol=0, atol=1e-12)
+
+
+def test_a_batch_without_a_scored_last_step_waits():
+    """No sample's target counts at the last step: gradient_horizon could measure nothing. At the first batch the
+    error says why; later, the estimate waits for a batch that scores one there."""
+    x, y = make_data(SEQ_T)
+    lengths = torch.tensor([SEQ_T - 1, 15, 12])
+    with pytest.raises(ValueError, match=r"the first batch scores no target at its last step .* pass initial=K"):
+        first_estimate((x, y, {"lengths": lengths}))
+    model = make_model("LSTM")
+    adaptive = AdaptiveK2(SEQ_DELTA, every=1, max_lag=SEQ_LAG, initial=4)
+    trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.MSELoss(), K1,
+                                              k2=adaptive)
+    trainer.run([(x, y), (x, y, {"lengths": lengths}), (x, y)])  # 7 updates a batch; due from the second batch on
+    assert [u for u, _, _ in trainer.adaptive_k2.history] == [14]  # not at the second batch: at the third

@@ -6,6 +6,8 @@ shuffling ``DataLoader``; padded steps holding NaN; ``skip_nonfinite`` with a sc
 
 import copy
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -36,7 +38,6 @@ def adam_trainer(config, model=None, **options):
 
 
 def uninterrupted(config):
-    torch.manual_seed(0)
     model, _, trainer = adam_trainer(config)
     trainer.run(with_data(config, trainer), max_epochs=EPOCHS)
     return params_of(model)
@@ -60,7 +61,6 @@ def saved_files(directory):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_a_checkpoint_on_any_batch_boundary_event_resumes_exactly_in_a_fresh_trainer(config, tmp_path):
     expected = uninterrupted(config)
-    torch.manual_seed(0)
     model, optimizer, trainer = adam_trainer(config)
     to_save = {"model": model, "optimizer": optimizer, "trainer": trainer}
     for event in BOUNDARY_EVENTS:
@@ -76,8 +76,8 @@ def test_a_checkpoint_on_any_batch_boundary_event_resumes_exactly_in_a_fresh_tra
             saved, total = torch.load(path, weights_only=True), EPOCHS * len(DATA[config[0]]())
             if saved["trainer"]["iteration"] == total:
                 continue  # a finished run: run() starts a new one, as Ignite's does
-            torch.manual_seed(123)  # the saved seed and generator states decide, not this process'
             model, optimizer, trainer = adam_trainer(config)
+            torch.manual_seed(123)  # the saved seed and generator states decide, not this process' (after make_model's)
             Checkpoint.load_objects({"model": model, "optimizer": optimizer, "trainer": trainer}, saved)
             trainer.run(with_data(config, trainer), max_epochs=EPOCHS)
             assert trainer.state.iteration == total
@@ -274,3 +274,50 @@ def test_in_memory_stream_batches_check_the_vocabulary():
     assert len(StreamBatches(docs, batch_size=2, seq_len=3, vocab_size=51)) == 2
     with pytest.raises(TypeError, match="token ids"):
         StreamBatches([torch.randn(10)], batch_size=2, seq_len=3, vocab_size=50)
+
+
+RESUME_IN_A_FRESH_PROCESS = """
+import sys, torch
+from ignite.handlers import Checkpoint
+from tests.test_resume import adam_trainer, with_data, EPOCHS
+config, path, out = eval(sys.argv[1]), sys.argv[2], sys.argv[3]
+model, optimizer, trainer = adam_trainer(config)
+torch.manual_seed(123)  # the saved seed and generator states decide (make_model seeds the process with 0)
+Checkpoint.load_objects({"model": model, "optimizer": optimizer, "trainer": trainer}, torch.load(path, weights_only=True))
+trainer.run(with_data(config, trainer), max_epochs=EPOCHS)
+torch.save(model.state_dict(), out)
+"""
+
+
+def test_a_mid_epoch_checkpoint_resumes_exactly_in_a_fresh_process(tmp_path):
+    # The process-wide state a resume could lean on (the seed, the generators, Ignite's event table) is not there.
+    config = ("DataLoader", "retain", False, True)
+    expected = uninterrupted(config)
+    model, optimizer, trainer = adam_trainer(config)
+    to_save = {"model": model, "optimizer": optimizer, "trainer": trainer}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), Checkpoint(to_save, DiskSaver(str(tmp_path))))
+    trainer.run(with_data(config, trainer), max_epochs=EPOCHS)
+    out = tmp_path / "resumed.pt"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", RESUME_IN_A_FRESH_PROCESS, repr(config), saved_files(tmp_path)[0], str(out)],
+                   check=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    resumed = torch.load(out, weights_only=True)
+    assert_same_params(resumed, expected)
+
+
+def test_an_exception_in_the_middle_epochs_epoch_started_trains_every_iteration_with_the_right_epoch():
+    # Issue 28's case: EPOCH_STARTED of epoch 2 of 3 raised, then run(): 20 of 30 iterations were trained and the
+    # epoch numbered one ahead, so set_epoch laid out another epoch.
+    config = ("StreamBatches", "recompute", True, False)
+    model, _, trainer = adam_trainer(config)
+    data = with_data(config, trainer)
+    raise_once(trainer, Events.EPOCH_STARTED(once=2))
+    laid_out = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: laid_out.append(data.epoch))
+    with pytest.raises(Boom):
+        trainer.run(data, max_epochs=3)
+    trainer.run(data, max_epochs=3)
+    assert trainer.state.iteration == 3 * len(data) and laid_out == [0, 1, 2]  # epoch 2's handlers ran again
+    expected_model, _, expected = adam_trainer(config)
+    expected.run(with_data(config, expected), max_epochs=3)
+    assert_same_params(params_of(model), params_of(expected_model))
