@@ -48,7 +48,7 @@ def test_unbiased_truncation_in_the_main_job(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--text", "/no/such/file.txt"], "no such file"),
+        (["--text", "/no/such/file.txt"], "--text: no such text file: /no/such/file.txt"),
         (["--artbp", "1.0"], r"--artbp: ARTBP: p must be a probability in \[0, 1\)"),
         (["--artbp", "0.5", "--k2", "50"], "not both"),
         (["--artbp-cap", "4"], "--artbp-cap needs --artbp"),
@@ -154,7 +154,7 @@ def test_sampling_continues_from_the_state_of_the_prompt(saved_model):
         (["sample", "--prompt", "the é"], r"1 character\(s\) of the text are not in the model's vocabulary.*'é'"),
         (["sample", "--prompt", "the", "--temperature", "0"], "--temperature must be > 0"),
         (["sample", "--prompt", "é", "--skip-unknown"], "at least one character"),
-        (["score", "--text", "/no/such/file.txt"], "no such file"),
+        (["score", "--text", "/no/such/file.txt"], "--text: no such text file"),
     ],
 )
 def test_bad_input_to_score_and_sample_is_named(saved_model, args, message, capsys):
