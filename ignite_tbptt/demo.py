@@ -437,7 +437,7 @@ RUN_SETTINGS = ("text", "corpus", "k1", "k2", "bptt_random", "artbp", "artbp_cap
 
 def run_settings(args: argparse.Namespace) -> Dict[str, Any]:
     """The settings ``--resume`` restores, file paths made absolute (a run may resume from another directory)."""
-    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS + ("epochs",)}
     settings["text"] = None if args.text is None else [os.path.abspath(t) for t in args.text]
     settings["corpus"] = None if args.corpus is None else os.path.abspath(args.corpus)
     return settings
@@ -454,7 +454,9 @@ def apply_resume(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if not isinstance(training, dict) or not isinstance(training.get("settings"), dict):
         raise ValueError(f"--resume: {args.resume} holds a model but no training state (a .best file?); "
                          "resume from the file --save wrote")
+    epochs = args.epochs if "--epochs" in {token.split("=")[0] for token in argv} else None
     vars(args).update(training["settings"])
+    args.epochs = epochs or training["settings"].get("epochs", args.epochs)  # the saved run's, unless given
     args.resumed = saved
     if args.save is None:
         args.save = args.resume
@@ -480,7 +482,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="with --artbp: backpropagate at most C chunks (default: no cap)")
     parser.add_argument("--overlap", choices=["recompute", "retain"], default="recompute",
                         help="how the steps shared by consecutive windows are backpropagated, when --k2 > --k1")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs to train (with --resume: in all, done ones included)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs to train (with --resume: in all, those done included; the saved run's if left out)")
     parser.add_argument("--hidden", type=int, default=256, help="LSTM hidden size")
     parser.add_argument("--batch-size", type=int, default=32, help="parallel streams, over all processes")
     parser.add_argument("--seq-len", type=int, default=200, help="time steps per batch")
@@ -498,7 +500,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--save", metavar="PATH",
                         help="save the model here at every epoch's end and on Ctrl-C, for score, sample and --resume; "
                              "the best by validation goes to PATH with .best before its suffix")
-    parser.add_argument("--resume", metavar="PATH", help="continue the run saved in PATH, with its settings, to --epochs")
+    parser.add_argument("--resume", metavar="PATH", help="continue the run saved in PATH, with its settings, to its --epochs (or to those given)")
     parser.add_argument("--force", action="store_true", help="let --save overwrite existing files")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     args = parser.parse_args(argv)
@@ -827,7 +829,8 @@ def check_outputs(args: argparse.Namespace) -> None:
     if args.save is None:
         return
     ours = SavePaths.of(args.resume) if args.resume is not None else ()
-    for path in SavePaths.of(args.save):
+    check_writable("--save", Path(args.save), args.force, ours)  # a directory first: it has no .best sibling
+    for path in SavePaths.of(args.save)[1:]:
         check_writable("--save", path, args.force, ours)
 
 
