@@ -244,6 +244,9 @@ class DeterministicTbpttEngine(_CarriedStateEngineMixin, DeterministicEngine):
 def reset_state(engine: Engine) -> None:
     """Handler that makes the trainer's next batch start a fresh stream (no carried state or window).
 
+    Args:
+        engine: a trainer or evaluator made with ``carry_state=True``.
+
     Example:
         >>> import torch
         >>> from ignite.engine import Events

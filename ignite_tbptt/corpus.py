@@ -274,7 +274,7 @@ def read_text_file(path: PathLike) -> str:
     A byte that is not UTF-8 is refused rather than replaced by ``'\\ufffd'``: the model would learn a character
     that the text does not have, and scoring the same file would disagree with training on it.
 
-    Parameters:
+    Args:
         path: the file.
 
     Example:
@@ -321,6 +321,10 @@ def prepare_corpus(texts_or_paths: Sequence[Union[str, PathLike]], out_dir: Path
     ``os.PathLike``) a UTF-8 text file, read as the demo reads ``--text`` files. The vocabulary is the sorted
     set of characters, as in :func:`ignite_tbptt.demo.encode`; the token ids are stored in the smallest dtype
     that holds them. Files are read twice, in chunks (vocabulary, then ids): memory does not grow with them.
+
+    Args:
+        texts_or_paths: the documents, in order: texts (``str``) and paths of UTF-8 files.
+        out_dir: the directory to write (created if missing); files of the same names in it are replaced.
 
     Example:
         >>> import tempfile
@@ -370,7 +374,11 @@ def prepare_corpus(texts_or_paths: Sequence[Union[str, PathLike]], out_dir: Path
 
 
 def read_corpus(directory: PathLike) -> PreparedCorpus:
-    """What a prepared corpus directory holds, from its ``vocab.json``; the files' presence is checked.
+    """What a prepared corpus directory holds, from its ``vocab.json``; the files are checked to be there and to
+    agree with it (the token count and the document count), so that a truncated or mixed corpus is refused.
+
+    Args:
+        directory: a directory written by :func:`prepare_corpus`.
 
     >>> import tempfile
     >>> read_corpus(prepare_corpus(["abba", "cab"], tempfile.mkdtemp()).directory).vocab

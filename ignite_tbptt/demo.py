@@ -274,7 +274,7 @@ def model_from(saved: Dict[str, Any], path: str, option: str = "--load") -> Char
 def load_model(path: str, device: torch.device = torch.device("cpu")) -> Tuple[CharLSTM, List[str]]:
     """The model and vocabulary saved by :func:`save_model`, in eval mode, or a ``ValueError`` saying why not.
 
-    Parameters:
+    Args:
         path: a file written by ``--save`` (or :func:`save_model`).
         device: where the model goes.
 
@@ -377,7 +377,7 @@ def sample(
     Each character is drawn from the softmax of the model's logits divided by ``temperature``, by a generator
     seeded with ``seed``: the same seed gives the same text.
 
-    Parameters:
+    Args:
         model: a :class:`CharLSTM` (or any model of the ``(y_pred, hidden)`` protocol over character ids).
         vocab: the characters of the ids, in order.
         prompt: the text to continue; every character must be in ``vocab`` (see ``skip_unknown``).
