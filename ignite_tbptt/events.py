@@ -37,11 +37,11 @@ class Tbptt_Events(EventEnum):
     TBPTT_GRADIENTS_COMPUTED = "tbptt_gradients_computed"
     #: Fired at the end of every chunk, after its update; ``engine.state.output`` is the chunk's loss then.
     TBPTT_TIME_ITERATION_COMPLETED = "tbptt_time_iteration_completed"
-    #: ``TBPTT_TIME_ITERATION_STARTED`` under Ignite's name: the one the examples use.
+    #: ``TBPTT_TIME_ITERATION_STARTED`` under Ignite's name, the one the examples use.
     TIME_ITERATION_STARTED = "tbptt_time_iteration_started"
     #: ``TBPTT_GRADIENTS_COMPUTED`` under the short name.
     GRADIENTS_COMPUTED = "tbptt_gradients_computed"
-    #: ``TBPTT_TIME_ITERATION_COMPLETED`` under Ignite's name: the one the examples use.
+    #: ``TBPTT_TIME_ITERATION_COMPLETED`` under Ignite's name, the one the examples use.
     TIME_ITERATION_COMPLETED = "tbptt_time_iteration_completed"
 
 

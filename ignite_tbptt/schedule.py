@@ -40,9 +40,9 @@ class Chunk(NamedTuple):
     index: int
     #: The stream position before the chunk's first step.
     start: int
-    #: The stream position of the chunk's last step: the chunk is ``(start, stop]``.
+    #: The stream position of the chunk's last step; the chunk is ``(start, stop]``.
     stop: int
-    #: Where the chunk's backprop window starts: its loss is backpropagated through ``(window_start, stop]``.
+    #: Where the chunk's backprop window starts; its loss is backpropagated through ``(window_start, stop]``.
     window_start: int
     #: The state gradient's compensation at ``start`` (unbiased truncation); 1.0 where nothing is compensated.
     factor: float = 1.0
