@@ -9,6 +9,7 @@ import torch
 from ignite_tbptt import demo
 
 TOY = ["--epochs", "1", "--hidden", "16", "--seq-len", "20", "--batch-size", "4", "--k1", "5", "--no-progress"]
+FEW = TOY + ["--batch-size", "8", "--seq-len", "40", "--k1", "10"]  # fewer, longer chunks: for runs made several times
 
 
 def two_documents(tmp_path):
@@ -212,14 +213,14 @@ def test_save_overwrites_only_with_force(tmp_path, capsys):
     path.write_text("precious")
     assert demo.main(two_documents(tmp_path) + TOY + ["--save", str(path)]) == 2
     assert "exists; pass --force to overwrite it" in capsys.readouterr().err and path.read_text() == "precious"
-    assert demo.main(two_documents(tmp_path) + TOY + ["--save", str(path), "--force"]) == 0
+    assert demo.main(two_documents(tmp_path) + FEW + ["--save", str(path), "--force"]) == 0
     assert demo.load_model(str(path))[0].lstm.hidden_size == 16
 
 
 def test_ctrl_c_saves_a_file_that_score_loads_and_resume_continues_exactly(tmp_path, monkeypatch, capsys):
     """Interrupted at the 3rd batch of epoch 2 and resumed, the run ends with the uninterrupted run's weights:
     the epoch, the optimizer, the cosine schedule with warm-up and the carried stream all continue."""
-    run = two_documents(tmp_path) + TOY + ["--k2", "8", "--shuffle", "--schedule", "cosine", "--warmup", "3",
+    run = two_documents(tmp_path) + FEW + ["--k2", "20", "--shuffle", "--schedule", "cosine", "--warmup", "3",
                                            "--clip", "0.5"]
     straight, stopped = tmp_path / "straight.pt", tmp_path / "stopped.pt"
     assert demo.main(run + ["--epochs", "2", "--save", str(straight)]) == 0
@@ -238,7 +239,7 @@ def test_ctrl_c_saves_a_file_that_score_loads_and_resume_continues_exactly(tmp_p
 
 
 def test_resume_trains_only_the_remaining_epochs(tmp_path, capsys):
-    run = two_documents(tmp_path) + TOY
+    run = two_documents(tmp_path) + FEW
     straight, resumed = tmp_path / "straight.pt", tmp_path / "resumed.pt"
     assert demo.main(run + ["--epochs", "3", "--save", str(straight)]) == 0
     assert demo.main(run + ["--epochs", "1", "--save", str(resumed)]) == 0
@@ -254,7 +255,7 @@ def test_resume_trains_only_the_remaining_epochs(tmp_path, capsys):
 
 def test_the_best_model_by_validation_is_kept(tmp_path):
     path = tmp_path / "model.pt"
-    assert demo.main(two_documents(tmp_path) + TOY + ["--epochs", "3", "--save", str(path)]) == 0
+    assert demo.main(two_documents(tmp_path) + FEW + ["--epochs", "3", "--save", str(path)]) == 0
     history = torch.load(path, weights_only=True)["training"]["history"]
     best = torch.load(tmp_path / "model.best.pt", weights_only=True)
     assert best["validation_bits"] == min(history["valid_bits"]) == history["best_valid"]
@@ -264,7 +265,7 @@ def test_the_best_model_by_validation_is_kept(tmp_path):
 
 def test_the_loss_curve_is_written_as_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    assert demo.main(two_documents(tmp_path) + TOY + ["--save", str(tmp_path / "model.pt")]) == 0
+    assert demo.main(two_documents(tmp_path) + FEW + ["--save", str(tmp_path / "model.pt")]) == 0
     assert (tmp_path / "model.loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
