@@ -5,7 +5,7 @@ this process:
 
 1. the index: ``StreamBatches.from_file`` (loading and checking the offsets) and laying out a shuffled epoch,
    which reads no token;
-2. producing batches of 64 x 256 (``+ 1`` target step) from the map, over ``--batches`` shuffled batches, and
+2. producing batches of 64 x 256 (``+ 1`` target step) from the file, over ``--batches`` shuffled batches, and
    the resident memory meanwhile: the growth of the peak over the baseline taken before building, both as
    ``ru_maxrss`` and (on Linux) as ``VmHWM`` reset through ``/proc/self/clear_refs`` (``ru_maxrss`` can only
    go up, so a peak from before, generating the file or loading torch, hides anything below it);

@@ -6,8 +6,10 @@ and the ratios of the fastest rounds and of the medians.
 
 - ``k1 == k2``: a hand-written loop, Ignite's trainer and ``ignite_tbptt``, also with ``skip_nonfinite=True``
   (its one host read per update).
-- ``k2 > k1``: a hand-written recompute loop, a hand-written retain loop, and both overlap modes (``recompute``
-  also with ``merge_calls=True``, which re-runs a window in one call as the hand-written loop does).
+- ``k2 > k1``: a hand-written recompute loop, a hand-written retain loop, and both overlap modes: ``recompute`` by
+  default (which finds out that these models do not depend on where the stream is cut, and merges a window's
+  calls), forced to merge (``merge_calls=True``, one call per window as the hand-written loop) and forced to keep
+  the forward pass's calls (``merge_calls=False``, one per chunk).
 - In both, the first contender a second time (``..., again``): the spread of identical code, the noise floor.
 
 Every case also times the compute floor of TBPTT(k1, k2): ``forward + (k2 / k1) * backward`` over the batch,
@@ -77,8 +79,10 @@ def contenders_for(fresh, loss_fn, x, y, k1: int, k2: int, sync) -> Dict[str, Ca
             "hand-written recompute": loop(bc.hand_written_recompute),
             "hand-written retain": loop(bc.hand_written_retain),
             "ignite_tbptt recompute": engine(create_supervised_tbptt_trainer, k2=k2, overlap="recompute"),
-            "ignite_tbptt recompute, merge_calls": engine(
+            "ignite_tbptt recompute, merge_calls=True": engine(
                 create_supervised_tbptt_trainer, k2=k2, overlap="recompute", merge_calls=True),
+            "ignite_tbptt recompute, merge_calls=False": engine(
+                create_supervised_tbptt_trainer, k2=k2, overlap="recompute", merge_calls=False),
             "ignite_tbptt retain": engine(create_supervised_tbptt_trainer, k2=k2, overlap="retain"),
         }
     # The first contender once more: how far identical code moves between two places in the rounds. A ratio

@@ -1,11 +1,12 @@
 """A backprop window that adapts during training: ``k2=AdaptiveK2(delta, ...)``.
 
 Every ``every`` updates the trainer measures, on the batch it is about to train on, how fast the gradient decays
-with the lag (:func:`~ignite_tbptt.horizon.gradient_horizon`), and takes the shortest truncation whose bias
-bound ``beta**K`` is within ``delta`` (Aicher, Foti and Fox, UAI 2019): ``K = clamp(ceil(log delta / log beta),
-k_min, k_max)``. Every loss term then backpropagates through at least ``K`` steps, the first step of a chunk
-too, so the window is ``k2 = k1 + K - 1``. How a changed window enters the schedule is
-:func:`~ignite_tbptt.schedule.adaptive_plan`'s business; this module decides ``K``.
+with the lag (:func:`~ignite_tbptt.horizon.gradient_horizon`), and takes the shortest truncation whose estimated
+relative bias is within ``delta`` (Aicher, Foti and Fox, UAI 2019: the measured norms plus a geometric tail,
+:meth:`~ignite_tbptt.horizon.GradientHorizon.suggest`), clamped to ``[k_min, k_max]``. Every loss term then
+backpropagates through at least ``K`` steps, the first step of a chunk too, so the window is ``k2 = k1 + K - 1``.
+How a changed window enters the schedule is :func:`~ignite_tbptt.schedule.adaptive_plan`'s business; this module
+decides ``K``.
 """
 
 import numbers
@@ -15,33 +16,39 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ignite_tbptt.horizon import GradientHorizon, gradient_horizon
-from ignite_tbptt.schedule import check_positive_int
+from ignite_tbptt.horizon import DEFAULT_MAX_LAG, GradientHorizon, gradient_horizon
+from ignite_tbptt.schedule import ARTBP, check_positive_int
 
-__all__ = ["ADAPTIVE_K2_KEY", "AdaptiveK2"]
+__all__ = ["ADAPTIVE_K2_KEY", "AdaptiveK2", "check_window_kind"]
 
 #: The key of an ``AdaptiveK2``'s state (its window and estimates) in the trainer's ``state_dict()``.
 ADAPTIVE_K2_KEY = "tbptt_adaptive_k2"
+
+#: ``K``'s upper clamp where none is given: the largest Aicher et al. allow their language models.
+DEFAULT_K_MAX = 300
 
 _NO_DECAY = "gradient_horizon: the gradient norms do not decay geometrically"
 
 
 class AdaptiveK2:
-    """``k2=AdaptiveK2(delta, k_max=...)``: a backprop window re-estimated from the gradient's decay during training.
+    """``k2=AdaptiveK2(delta)``: a backprop window re-estimated from the gradient's decay during training.
 
     At the start of a batch, once ``every`` or more updates (chunks) have passed since the last estimate (and at
-    the first batch where ``initial`` is ``None``), the trainer measures the gradient's decay ``beta`` on that
-    batch's ``x`` and ``y`` with :func:`~ignite_tbptt.horizon.gradient_horizon` over lags ``0..max_lag``, from
-    the carried state where there is one, with the trainer's ``loss_fn``, ``model_fn``, ``dim``,
-    ``hidden_batch_dim`` and ``reset_hidden`` (the batch's resets, padding and burn-in are not applied to the
-    measurement). Then
+    the first batch where ``initial`` is ``None``), the trainer measures the gradient norms ``phi_k`` on that
+    batch's ``x`` and ``y`` with :func:`~ignite_tbptt.horizon.gradient_horizon` over lags ``0..max_lag``, in
+    train mode (``train_mode``), averaged over the batch's samples (and over ``batches`` consecutive batches),
+    from the carried state where there is one, with the trainer's ``loss_fn``, ``model_fn``, ``dim``,
+    ``hidden_batch_dim`` and ``reset_hidden`` (the batch's resets, padding and burn-in are not passed to the
+    measurement by the trainer). Then
 
-        ``K = clamp(ceil(log(delta) / log(beta)), k_min, k_max)``,  the window ``k2 = k1 + K - 1``,
+        ``K = clamp(horizon.suggest(delta), k_min, k_max)``,  the window ``k2 = k1 + K - 1``,
 
-    so that every loss term, the first step of a chunk too, backpropagates through at least ``K`` steps, whose
-    bias bound ``beta**K`` is at most ``delta``. Where no geometric decay was measured (``beta >= 1``, or nothing
-    to fit), ``K = k_max``, with a warning the first time. A batch shorter than ``max_lag + 1`` steps is not
-    measured on: the estimate waits for the next batch.
+    ``suggest`` being the smallest ``K`` whose estimated relative bias (the measured ``phi`` up to 90% of
+    ``max_lag``, a geometric tail beyond, over a lower bound on the gradient's mass) is at most ``delta``; it may
+    lie beyond ``max_lag``. A clamp warns with the ``K`` the estimate wanted, and where nothing can be estimated
+    (no geometric decay, no gradient at the last step, non-finite norms, too few lags) ``K = k_max`` and a
+    warning says why; each kind of warning is given once per trainer. A batch shorter than ``max_lag + 1``
+    steps is not measured on: the estimate waits for the next batch.
 
     The trainer deep-copies it (two trainers never share one); the copy's window and estimates are part of the
     trainer's ``state_dict()``, and ``engine.state.k2`` is the window of the current batch in steps. The window
@@ -53,10 +60,14 @@ class AdaptiveK2:
         delta: the tolerable relative bias of the truncated gradient, in ``(0, 1)``.
         every: re-estimate once this many updates have passed since the last estimate.
         k_min: the least ``K``, ``>= 1``.
-        k_max: the largest ``K``: it bounds the window, and so memory in ``overlap="retain"``.
-        max_lag: the lags measured, ``0..max_lag`` (default ``k_max``); a batch needs ``max_lag + 1`` steps.
+        k_max: the largest ``K`` (default 300, Aicher et al.'s clamp): it bounds the window, and so memory in
+            ``overlap="retain"``.
+        max_lag: the lags measured, ``0..max_lag`` (default 100); a batch needs ``max_lag + 1`` steps.
         initial: ``K`` until the first estimate, which then runs after ``every`` updates; ``None``: estimate at
             the first batch.
+        train_mode: measure with the model in train mode (``True``, as Aicher et al.) or eval mode.
+        batches: an estimate averages ``phi`` over this many consecutive batches (each a measurement, Aicher et
+            al. average 5); until the last of them, each sets ``K`` from the mean so far.
 
     Attributes (of the trainer's copy, ``trainer.adaptive_k2``):
         K: the latest ``K`` (``None`` before the first); ``horizon``: the latest
@@ -67,7 +78,7 @@ class AdaptiveK2:
         >>> model = torch.nn.RNN(1, 4)
         >>> trainer = create_supervised_tbptt_trainer(
         ...     model, torch.optim.SGD(model.parameters(), 0.1), torch.nn.MSELoss(), tbtt_step=5,
-        ...     k2=AdaptiveK2(0.1, every=8, k_max=20), carry_state=True,
+        ...     k2=AdaptiveK2(0.1, every=8, max_lag=20), carry_state=True,
         ... )
         >>> x, y = torch.randn(40, 2, 1), torch.randn(40, 2, 4)
         >>> state = trainer.run([(x, y)], max_epochs=2)
@@ -76,52 +87,65 @@ class AdaptiveK2:
     """
 
     def __init__(
-        self, delta: float, *, every: int = 100, k_min: int = 1, k_max: int, max_lag: Optional[int] = None,
-        initial: Optional[int] = None,
+        self, delta: float, *, every: int = 100, k_min: int = 1, k_max: int = DEFAULT_K_MAX,
+        max_lag: int = DEFAULT_MAX_LAG, initial: Optional[int] = None, train_mode: bool = True, batches: int = 1,
     ) -> None:
         if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
             raise TypeError(f"AdaptiveK2: delta must be a float in (0, 1), got {type(delta).__name__} ({delta!r})")
         if not 0 < delta < 1:
             raise ValueError(f"AdaptiveK2: delta, the tolerable relative bias, must be in (0, 1), got {delta!r}")
-        for name, value in (("every", every), ("k_min", k_min), ("k_max", k_max)):
+        positive = (("every", every), ("k_min", k_min), ("k_max", k_max), ("max_lag", max_lag), ("batches", batches))
+        for name, value in positive:
             check_positive_int(f"AdaptiveK2: {name}", value)
         if k_min > k_max:
             raise ValueError(f"AdaptiveK2: k_min ({k_min}) must be <= k_max ({k_max})")
-        max_lag = k_max if max_lag is None else check_positive_int("AdaptiveK2: max_lag", max_lag)
         if initial is not None and not k_min <= check_positive_int("AdaptiveK2: initial", initial) <= k_max:
             raise ValueError(f"AdaptiveK2: initial ({initial}) must lie in [k_min, k_max] = [{k_min}, {k_max}]")
+        if not isinstance(train_mode, bool):
+            raise TypeError(f"AdaptiveK2: train_mode must be a bool, got {type(train_mode).__name__}")
         self.delta, self.every, self.k_min, self.k_max = float(delta), every, k_min, k_max
-        self.max_lag, self.initial = max_lag, initial
+        self.max_lag, self.initial, self.train_mode, self.batches = max_lag, initial, train_mode, batches
         self.K: Optional[int] = initial
         self.last_at: Optional[int] = None  # the update count at the last estimate
         self.history: List[Tuple[int, int, float]] = []
         self.horizon: Optional[GradientHorizon] = None
-        self._warned = False
+        self._warned: List[str] = []  # the kinds of warning given: each once
+        self._pending: List[List[float]] = []  # the norms of the batches measured for the estimate under way
 
     def __repr__(self) -> str:
         return (f"AdaptiveK2(delta={self.delta}, every={self.every}, k_min={self.k_min}, k_max={self.k_max}, "
-                f"max_lag={self.max_lag}, initial={self.initial})")
+                f"max_lag={self.max_lag}, initial={self.initial}, train_mode={self.train_mode}, "
+                f"batches={self.batches})")
 
     def due(self, updates: int) -> bool:
         """Whether an estimate is due at a batch start after ``updates`` updates (chunks) of the run."""
+        if self._pending:  # an estimate over several batches, under way
+            return True
         if self.last_at is None:
             return self.K is None or updates >= self.every
         return updates - self.last_at >= self.every
 
     def choose(self, horizon: GradientHorizon) -> int:
-        """``K`` for a measured horizon: ``clamp(horizon.suggest(delta), k_min, k_max)``, or ``k_max`` where no
-        geometric decay was measured (with a warning the first time)."""
-        if not horizon.decay < 1:  # >= 1 or nan
-            if not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"AdaptiveK2: no geometric decay of the gradient over lags 0..{self.max_lag} (beta = "
-                    f"{horizon.decay:.4g}): the bias bound gives no K, so K = k_max = {self.k_max}. Later such "
-                    "estimates do the same without a warning",
-                    UserWarning, stacklevel=3,
-                )
+        """``K`` for a measured horizon: ``clamp(horizon.suggest(delta), k_min, k_max)``, with a warning at a clamp;
+        ``k_max`` where the horizon gives no ``K``, with a warning that says why. Each kind warns once."""
+        problem = horizon.problem()
+        if problem is not None:
+            self._warn_once("unmeasurable", f"AdaptiveK2: no K can be estimated from this batch: {problem}. K = "
+                            f"k_max = {self.k_max}; later such estimates do the same without a warning")
             return self.k_max
-        return min(self.k_max, max(self.k_min, horizon.suggest(self.delta)))
+        wanted = horizon.suggest(self.delta)
+        K = min(self.k_max, max(self.k_min, wanted))
+        if K != wanted:
+            bound = "k_max" if K == self.k_max else "k_min"
+            cost = " (the truncated gradient then has a larger bias)" if bound == "k_max" else ""
+            self._warn_once(bound, f"AdaptiveK2: the estimate wants K = {wanted} for delta = {self.delta}, clamped to "
+                            f"{bound} = {K}{cost}; later clamps to it are not warned about")
+        return K
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.append(kind)
+            warnings.warn(message, UserWarning, stacklevel=4)
 
     def estimate(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, updates: int, **horizon_kwargs: Any
@@ -139,15 +163,45 @@ class AdaptiveK2:
             return None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NO_DECAY)  # said once, by choose()
-            self.horizon = gradient_horizon(model, x, y, loss_fn, max_lag=self.max_lag, **horizon_kwargs)
-        self.K, self.last_at = self.choose(self.horizon), updates
+            measured = gradient_horizon(model, x, y, loss_fn, max_lag=self.max_lag, train_mode=self.train_mode,
+                                        **horizon_kwargs)
+        self._pending.append(measured.norms.tolist())
+        # The mean of the batches measured so far: each one in turn sets K, the last one completes the estimate.
+        self.horizon = GradientHorizon.from_norms(torch.tensor(self._pending, dtype=torch.float64).mean(0))
+        self.K = self.choose(self.horizon)
         self.history.append((updates, self.K, self.horizon.decay))
+        if len(self._pending) == self.batches:
+            self.last_at, self._pending = updates, []
         return self.K
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"K": self.K, "last_at": self.last_at, "history": list(self.history), "warned": self._warned}
+        return {"K": self.K, "last_at": self.last_at, "history": list(self.history), "warned": list(self._warned),
+                "pending": [list(norms) for norms in self._pending]}
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
         self.K, self.last_at = saved["K"], saved["last_at"]
         self.history = [tuple(h) for h in saved["history"]]  # type: ignore[misc]
-        self._warned = saved.get("warned", False)
+        warned = saved.get("warned", [])
+        self._warned = ["unmeasurable"] if warned is True else list(warned or [])  # a bool in earlier checkpoints
+        self._pending = [list(norms) for norms in saved.get("pending", [])]
+
+
+def check_window_kind(k2: Any) -> None:
+    """Raise a ``TypeError`` that names every part where ``k2`` combines window kinds that cannot work together.
+
+    ``k2`` is one window: an int, ``ARTBP(p)`` (random truncation) or ``AdaptiveK2(delta)`` (a window from the
+    measured decay). Random truncation compensates the windows it draws, and the adaptive window sets them: a
+    pair or list of both has no meaning the trainer could give it.
+
+    >>> check_window_kind((ARTBP(0.1), AdaptiveK2(0.1)))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: k2 takes one window kind, got a tuple of ARTBP and AdaptiveK2: ARTBP(p) draws ...; pass one of them
+    """
+    if isinstance(k2, (tuple, list, set)):
+        kinds = [type(part).__name__ for part in k2]
+        raise TypeError(
+            f"k2 takes one window kind, got a {type(k2).__name__} of {' and '.join(kinds)}: ARTBP(p) draws random "
+            "truncations and compensates them, AdaptiveK2(delta) sets the window from the measured decay; "
+            "pass one of them"
+        )

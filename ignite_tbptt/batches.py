@@ -4,6 +4,7 @@ Both factories, the trainer and the evaluator, read their batches through these 
 the same to both: ``(x, y)`` or ``(x, y, sequence_info)`` sharing a time axis ``dim``.
 """
 
+import warnings
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from ignite_tbptt.schedule import Chunk
 from ignite_tbptt.sequences import Gate, SequenceInfo, chunk_gates, parse_sequence_info
 
-__all__ = ["batch_chunks", "batch_size_of", "chunk_sequence", "split_batch"]
+__all__ = ["NothingToTrain", "batch_chunks", "batch_size_of", "checked_loss", "chunk_sequence", "split_batch"]
 
 
 def batch_size_of(x: torch.Tensor, dim: int) -> int:
@@ -88,3 +89,48 @@ def chunk_sequence(
     if weight == scored.numel():  # nothing masked: the chunk is passed as it is
         return gates, None, weight
     return gates, (scored if dim == 0 else scored.t()).to(x.device), weight
+
+
+def checked_loss(loss: Any) -> torch.Tensor:
+    """``loss_fn``'s value, if it is a one-element tensor; else a ``TypeError`` that names ``loss_fn``.
+
+    A float, a tuple or a vector would fail later inside the backward pass or the weighting with an error that
+    does not say where it came from.
+
+    >>> checked_loss((torch.tensor(1.0), 2))
+    Traceback (most recent call last):
+    ...
+    TypeError: loss_fn(y_pred, y) must return a scalar tensor, got tuple
+    """
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn(y_pred, y) must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise TypeError(f"loss_fn(y_pred, y) must return a scalar tensor, got shape {tuple(loss.shape)} (reduce it)")
+    return loss
+
+
+class NothingToTrain:
+    """Says once per trainer that a batch had no valid (step, sample) pair, instead of a silent ``nan``.
+
+    Such a batch (every step padding, or an empty batch axis) makes no update and its output is ``nan``. Burn-in
+    is not reported here: a batch of warm-up steps only builds the state, as it should (the trainer says it
+    when a whole epoch scored nothing).
+    """
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def check(self, x: torch.Tensor, info: Optional[SequenceInfo], dim: int, iteration: int) -> None:
+        """Warn at the first batch ``x`` (with sequence information ``info``) that has no valid pair."""
+        if self.warned:
+            return
+        empty = batch_size_of(x, dim) == 0 or (info is not None and info.valid is not None and not bool(info.valid.any()))
+        if not empty:
+            return
+        self.warned = True
+        warnings.warn(
+            f"batch {iteration} (x of shape {tuple(x.shape)}, time along dim={dim}) has no valid (step, sample) "
+            "pair: every step is padding or masked, or the batch axis is empty. No update was made and its "
+            "output is nan. Later such batches are not reported",
+            stacklevel=3,
+        )

@@ -7,16 +7,22 @@
 
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 from ignite.engine import DeterministicEngine, Engine, Events
-from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+from ignite.engine.deterministic import ReproducibleBatchSampler, _get_rng_states, _set_rng_states, update_dataloader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+from torch.utils.data.dataloader import _DatasetKind
 
 from ignite_tbptt.batches import batch_size_of
-from ignite_tbptt.schedule import Reach, Truncations
+from ignite_tbptt.schedule import Chunk, Reach, Truncations
 from ignite_tbptt.sequences import BurnIn, SequenceInfo, burn_in_marks
 from ignite_tbptt.events import as_ours, register_tbptt_events
+from ignite_tbptt.lifecycle import (
+    OPTIONS_KEY, check_options, continue_after_exception, loadable_rng_states, refuse_mid_batch, restored_rng_states,
+    start_afresh,
+)
 
 __all__ = ["CARRIED_STATE_KEY", "CHUNK_LENGTHS_KEY", "TRUNCATION_DRAWS_KEY", "CarriedState", "DeterministicTbpttEngine", "TbpttEngine", "reset_state", "tbptt_engine"]
 
@@ -26,6 +32,8 @@ CARRIED_STATE_KEY = "tbptt_carried_state"
 CHUNK_LENGTHS_KEY = "tbptt_chunk_lengths"
 #: The key of the random truncations' draws (``k2=ARTBP(...)``) in the trainer's ``state_dict()``.
 TRUNCATION_DRAWS_KEY = "tbptt_truncation_draws"
+#: The key of a ``deterministic=True`` run's seed in the trainer's ``state_dict()``.
+SEED_KEY = "tbptt_seed"
 
 
 def check_burn_in(burn_in: Any) -> int:
@@ -48,6 +56,7 @@ class CarriedState:
 
     def __init__(self, window: Any, carry: bool, burn_in: int = 0) -> None:
         self.window, self.carry, self.burn_in = window, carry, check_burn_in(burn_in)
+        self.trained_to: Optional[int] = None  # where the running batch's last chunk trained so far ends
         self.reset()
 
     @property
@@ -118,8 +127,20 @@ class CarriedState:
                 "across unrelated steps. Feed the batches in order (an epoch_length longer than the data restarts "
                 "it mid-epoch), or run reset_state first"
             )
-        self.batch_size, self.data_position = batch_size, data_position
+        self.batch_size, self.data_position, self.trained_to = batch_size, data_position, None
         return self.position
+
+    def chunk_trained(self, chunk: Chunk) -> None:
+        """Record that ``chunk`` has trained: its update is made (or skipped, as its own check decided).
+
+        Called before the chunk's ``TIME_ITERATION_COMPLETED`` handlers, so that an exception there, after the
+        batch's last update, leaves a complete batch, as ``terminate()`` at the same point does.
+        """
+        self.trained_to = chunk.stop
+
+    def batch_complete(self, chunks: List[Chunk]) -> bool:
+        """Whether every chunk of the batch (``chunks``, as planned) has trained."""
+        return bool(chunks) and self.trained_to == chunks[-1].stop
 
     def end_batch(self, length: int, complete: bool = True) -> None:
         """Move the stream position past a finished batch of ``length`` steps.
@@ -160,10 +181,25 @@ class CarriedState:
 class _CarriedStateEngineMixin:
     """Saves ``engine.carried_state`` in ``state_dict()`` (so ``Checkpoint`` keeps it) and restores it, and the
     state of the schedule's random draws (``engine.draws``: random chunk lengths, random truncations, each under
-    its key), so a resumed run draws on; and lets ``run()`` continue after an exception."""
+    its key), so a resumed run draws on; refuses a checkpoint inside a batch, or one saved under other options
+    (``engine.options``); and lets ``run()`` continue after an exception (:mod:`ignite_tbptt.lifecycle`)."""
 
     carried_state: CarriedState
     draws: Dict[str, Any] = {}
+    options: Dict[str, Any] = {}
+
+    def __init__(self, process_function: Callable) -> None:
+        self._in_batch = False  # the process function is running: a state_dict() now would be mid-batch
+        self._stopped_data: Any = None  # the data of the run an exception stopped (None: no such run)
+
+        def process(engine: Engine, batch: Any) -> Any:
+            self._in_batch = True
+            try:
+                return process_function(engine, batch)
+            finally:
+                self._in_batch = False
+
+        super().__init__(process)  # type: ignore[call-arg]
 
     # Handlers registered with Ignite's own Tbptt_Events go to ours (see ignite_tbptt.events.Tbptt_Events).
     def add_event_handler(self, event_name: Any, handler: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -175,37 +211,39 @@ class _CarriedStateEngineMixin:
     def remove_event_handler(self, handler: Callable, event_name: Any) -> None:
         super().remove_event_handler(handler, as_ours(event_name))  # type: ignore[misc]
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
+    def run(self, data: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if self._stopped_data is not None and data is not self._stopped_data:
+            start_afresh(self)  # type: ignore[arg-type]
+        self._stopped_data = None
         try:
-            return super().run(*args, **kwargs)  # type: ignore[misc]
+            return super().run(data, *args, **kwargs)  # type: ignore[misc]
         except BaseException:
+            self._stopped_data = data
             self._resume_after_exception()
             raise
 
     def _resume_after_exception(self) -> None:
-        """Make the next ``run()`` continue where an exception stopped this one, as from a checkpoint taken there.
-
-        Ignite keeps the failed run's generator (the next ``run()`` would return ``None``), and counts the epoch it
-        stopped in as begun, which makes an interrupted last epoch look done (the next ``run()`` would start
-        afresh). The epoch counter goes back to the epochs completed, as ``load_state_dict`` sets it.
-        """
-        self._internal_run_generator = None  # type: ignore[attr-defined]
-        state = self.state  # type: ignore[attr-defined]
-        if state.epoch_length and state.iteration % state.epoch_length:
-            state.epoch = state.iteration // state.epoch_length
+        continue_after_exception(self)  # type: ignore[arg-type]
 
     def state_dict(self) -> "OrderedDict[str, Any]":
+        if self._in_batch:
+            refuse_mid_batch(self)  # type: ignore[arg-type]
         saved = super().state_dict()  # type: ignore[misc]
+        if self.last_event_name == Events.ITERATION_STARTED and saved["iteration"]:  # type: ignore[attr-defined]
+            saved["iteration"] -= 1  # Ignite counts the batch before it trains: a resume must train it
         saved[CARRIED_STATE_KEY] = self.carried_state.state_dict()
         for key, draws in self.draws.items():
             saved[key] = draws.state_dict()
+        saved[OPTIONS_KEY] = dict(self.options)
         return saved
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         state_dict = dict(state_dict)
+        check_options(state_dict.pop(OPTIONS_KEY, None), self.options)
         carried = state_dict.pop(CARRIED_STATE_KEY, None)
         saved_draws = {key: state_dict.pop(key, None) for key in self.draws}
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._stopped_data = None
         self.carried_state.load_state_dict(carried)
         for key, draws in self.draws.items():
             if saved_draws[key] is not None:
@@ -238,7 +276,95 @@ class DeterministicTbpttEngine(_CarriedStateEngineMixin, DeterministicEngine):
     Resumed mid-epoch from a checkpoint, it replays the data from the right batch and the stream from the
     right state, so the run continues exactly as the uninterrupted one, with the random number generators as
     they were (dropout draws included). ``run()`` again after an exception continues, as for :class:`TbpttEngine`.
+
+    Where Ignite's engine alone would not continue exactly, it also:
+
+    - keeps the run's seed over ``run()`` again and in ``state_dict()`` (Ignite draws a new one at every
+      ``run()``, which reorders a shuffling ``DataLoader``'s later epochs), and the random number generators'
+      states where an exception or ``terminate()`` stopped the run, so that dropout draws go on from there;
+    - draws a shuffling ``DataLoader``'s permutation of a resumed epoch before the saved generator states are
+      restored, as the uninterrupted epoch drew it (Ignite's ``ReproducibleBatchSampler`` draws it lazily, after
+      the restore, so that the rest of the epoch got other batches);
+    - re-enters the epoch that ``terminate()`` stopped in, where Ignite counts one more (a ``set_epoch``
+      handler would then lay out another epoch's batches, and the run would end an epoch short);
+    - saves the generator states so that ``torch.load(..., weights_only=True)`` reads them.
     """
+
+    def __init__(self, process_function: Callable) -> None:
+        super().__init__(process_function)
+        self._keep_seed = False  # the next run() keeps the seed: after an exception, terminate() or loading one
+        self.add_event_handler(Events.TERMINATE, self._keep_random_states)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        if self.should_terminate and state.epoch_length and state.iteration % state.epoch_length:
+            state.epoch = state.iteration // state.epoch_length  # the epoch terminate() stopped in runs on
+        return super().run(*args, **kwargs)
+
+    def _keep_random_states(self) -> None:
+        self.state.rng_states = _get_rng_states()
+        self._keep_seed = True
+
+    def _resume_after_exception(self) -> None:
+        super()._resume_after_exception()
+        self._keep_random_states()
+
+    def _init_run(self) -> None:
+        keep, self._keep_seed = self._keep_seed, False  # for this run only: a later fresh run draws its own
+        if not (keep and getattr(self.state, "seed", None) is not None):
+            super()._init_run()
+
+    def _setup_engine(self) -> None:
+        data = self.state.dataloader
+        if _map_style(data) and type(data.batch_sampler) is BatchSampler:  # Ignite would wrap it the same way
+            self.state.dataloader = data = update_dataloader(data, _DrawnBatchSampler(data.batch_sampler))
+        rng_states, self.state.rng_states = self.state.rng_states, None  # restored below, after the draw
+        super()._setup_engine()  # seeds the epoch and starts the data where the run stands
+        if isinstance(data, DataLoader) and isinstance(data.batch_sampler, _DrawnBatchSampler):
+            data.batch_sampler.draw()
+        length = self._dataloader_len
+        if rng_states is not None and length and self.state.iteration % length:
+            _set_rng_states(rng_states)
+
+    def state_dict(self) -> "OrderedDict[str, Any]":
+        saved = super().state_dict()
+        saved["rng_states"] = loadable_rng_states(saved["rng_states"])
+        if getattr(self.state, "seed", None) is not None:
+            saved[SEED_KEY] = self.state.seed
+        return saved
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        state_dict = dict(state_dict)
+        seed = state_dict.pop(SEED_KEY, None)
+        super().load_state_dict(state_dict)
+        self.state.rng_states = restored_rng_states(self.state.rng_states)
+        if seed is not None:
+            self.state.seed, self._keep_seed = seed, True
+
+
+def _map_style(data: Any) -> bool:
+    """Whether ``data`` is a ``DataLoader`` over a map-style dataset, whose sampler Ignite makes reproducible."""
+    return isinstance(data, DataLoader) and getattr(data, "_dataset_kind", _DatasetKind.Map) == _DatasetKind.Map
+
+
+class _DrawnBatchSampler(ReproducibleBatchSampler):
+    """Ignite's ``ReproducibleBatchSampler`` whose epoch's batches can be drawn before its iteration starts.
+
+    :meth:`draw` draws them at once, where the engine has just seeded the epoch; the next iteration yields those,
+    and later ones draw their own as Ignite's does.
+    """
+
+    _drawn = False
+
+    def draw(self) -> None:
+        self.setup_batch_indices()
+        self._drawn = True
+
+    def __iter__(self) -> Iterator[List[int]]:
+        if not self._drawn:
+            self.setup_batch_indices()
+        self._drawn = False
+        yield from self.batch_indices
 
 
 def reset_state(engine: Engine) -> None:

@@ -8,14 +8,13 @@ A prepared corpus is a directory of three files:
 - ``vocab.json``: the character vocabulary (``"vocab"``, a list whose index is the token id), the
   ``"dtype"``, and the counts ``"vocab_size"``, ``"tokens"`` and ``"documents"``.
 
-:class:`TokenFile` reads such a file through a read-only ``numpy.memmap``, one range of tokens at a time:
+:class:`TokenFile` reads such a file with ``os.pread``, one range of tokens at a time:
 :meth:`StreamBatches.from_file <ignite_tbptt.StreamBatches.from_file>` builds its batches from it, reading
-only the tokens of each batch. Everything read back is read without pickle: the map, ``numpy.load(...,
+only the tokens of each batch. Everything read back is read without pickle: raw reads, ``numpy.load(...,
 allow_pickle=False)`` and JSON.
 """
 
 import json
-import mmap
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -93,7 +92,7 @@ def _check_offsets(offsets: np.ndarray, n_tokens: int, path: str) -> None:
 
 
 class TokenFile:
-    """A flat binary file of token ids and its documents, read through a read-only ``numpy.memmap``.
+    """A flat binary file of token ids and its documents, read range by range with ``os.pread``.
 
     The documents are given by ``offsets`` (the first token of every document, the first 0: a list, an
     array, a tensor, or the path of a ``.npy`` file), by a ``separator`` token id, or by neither (the whole
@@ -103,9 +102,11 @@ class TokenFile:
 
     With ``vocab_size``, every token id of the documents is checked to be in ``[0, vocab_size)``, scanning
     the file in chunks: constant memory for any file size. Only ``[start, stop)`` of the file is used (a
-    document crossing either end is cut there). Nothing is read from the map until :meth:`read`, and
-    :meth:`release` lets go of what reads have mapped (``StreamBatches`` does after every batch); a copy
-    (``pickle``, a ``DataLoader`` worker) reopens the file instead of copying its tokens.
+    document crossing either end is cut there). Nothing is read until :meth:`read`, which reads only the tokens
+    asked for into memory the caller owns: no memory map, so the resident set does not grow with what was read,
+    and a file truncated under a running job gives an error instead of killing the process with ``SIGBUS``.
+    :meth:`check` says whether the file is still the one indexed (``StreamBatches`` asks after every batch);
+    a copy (``pickle``, a ``DataLoader`` worker) reopens the file instead of copying its tokens.
 
     Example:
         >>> import tempfile, os
@@ -167,7 +168,8 @@ class TokenFile:
         self.starts, self.lengths = starts[keep].astype(np.int64), (ends - starts)[keep].astype(np.int64)
         if len(self.lengths) == 0:
             raise ValueError(f"token file {self.path} holds no document: only separators in [{self.start}, {self.stop})")
-        self._map: Optional[np.memmap] = None
+        self._identity = _identity(os.stat(self.path))  # the file the index was built from
+        self._fd: Optional[int] = None  # opened at the first read
 
     def _chunks(self) -> Iterator[Tuple[int, np.ndarray]]:
         """``(position, tokens)`` over ``[start, stop)``, read into one reused buffer."""
@@ -197,38 +199,45 @@ class TokenFile:
                     )
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
-    @property
-    def tokens(self) -> np.memmap:
-        """The file's tokens, mapped read-only on first use."""
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        return self._map
-
     def read(self, document: int, a: int, b: int) -> np.ndarray:
-        """Steps ``[a, b)`` of document ``document`` (a view of the map: only these tokens are read)."""
-        first = int(self.starts[document])
-        return self.tokens[first + a : first + b]
+        """Steps ``[a, b)`` of document ``document``: only these tokens are read.
 
-    def release(self) -> None:
-        """Unmap the pages that reads have touched, so that the resident set stops counting them.
-
-        The kernel maps file pages in large folios (up to 2 MiB on Linux 6), so a batch of 64 rows can map
-        over 100 MiB, and an epoch the whole file: clean page cache, which the kernel reclaims under pressure,
-        but resident all the same. ``MADV_DONTNEED`` drops the process' mappings (the page cache keeps the
-        pages; the next read maps them again). Where it is missing, this does nothing.
+        A read that comes back short (the file was truncated since it was indexed) is a ``ValueError``.
         """
-        raw = getattr(self._map, "_mmap", None)  # the mmap.mmap under numpy's memmap
-        if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
-            try:
-                raw.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):
-                pass
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self.check()  # the file opened is the one indexed
+        first, size = int(self.starts[document]) + a, self.dtype.itemsize
+        data = os.pread(self._fd, (b - a) * size, first * size)
+        if len(data) != (b - a) * size:
+            self._changed(f"reading tokens [{first}, {first + b - a}) gave {len(data) // size} of them")
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def check(self) -> None:
+        """A ``ValueError`` if the open file changed (size, modification time, inode) since it was indexed.
+
+        A file rewritten under a running job, even at the same size, would be read as if it were the one whose
+        documents were indexed; ``StreamBatches`` asks after reading every batch, so a batch read while the file
+        changed is never trained on.
+        """
+        if self._fd is not None and _identity(os.fstat(self._fd)) != self._identity:
+            self._changed("its size, modification time or inode differ from when it was indexed")
+
+    def _changed(self, how: str) -> None:
+        raise ValueError(
+            f"token file {self.path} changed under the running job: {how}. Its document index no longer "
+            "describes it; rebuild the batches from the new file (or restore the old one)"
+        )
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {**self.__dict__, "_map": None}  # a copy maps the file anew rather than carrying its tokens
+        return {**self.__dict__, "_fd": None}  # a copy opens the file anew (and checks it is the one indexed)
 
     def __repr__(self) -> str:
         return f"TokenFile({self.path!r}, {self.dtype.name}, {len(self)} document(s), tokens [{self.start}, {self.stop}))"
@@ -236,6 +245,11 @@ class TokenFile:
 
 # ---------------------------------------------------------------------------------------------------------
 # Preparing a character-level corpus from text.
+
+
+def _identity(stat: os.stat_result) -> Tuple[int, int, int]:
+    """What tells a changed file: its size, modification time and inode."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 class PreparedCorpus(NamedTuple):

@@ -77,6 +77,26 @@ def _documents(data: Data) -> Tuple[List[torch.Tensor], Optional[List[torch.Tens
     return xs, (ys if paired else None)
 
 
+def _check_vocabulary(docs: List[torch.Tensor], vocab_size: Any) -> None:
+    """Every id of the token documents ``docs`` in ``[0, vocab_size)``, or an error naming the first one that is not.
+
+    Checked when the batches are made, as :class:`~ignite_tbptt.corpus.TokenFile` checks a token file: an id out of
+    range would otherwise fail inside the model's embedding, many updates into the run.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
+    for i, doc in enumerate(docs):
+        if doc.is_floating_point() or doc.is_complex() or doc.dtype == torch.bool:
+            raise TypeError(f"vocab_size checks token ids, but document {i} holds {doc.dtype}")
+        bad = (doc < 0) | (doc >= vocab_size)
+        if bool(bad.any()):
+            step = int(bad.flatten().nonzero()[0])
+            raise ValueError(
+                f"document {i} holds token id {int(doc.flatten()[step])} (element {step}), outside the vocabulary "
+                f"[0, {vocab_size})"
+            )
+
+
 Read = Callable[[int, int, int], Any]  # (document, a, b) -> the document's steps [a, b)
 
 
@@ -111,8 +131,8 @@ class _InMemory:
 
 
 class _FromFile:
-    """Token documents in a file: every batch reads its own steps (``+ 1`` for the targets) from the map, then
-    lets go of the map's pages."""
+    """Token documents in a file: every batch reads its own steps (``+ 1`` for the targets), then checks that the
+    file did not change."""
 
     next_step = True
 
@@ -127,7 +147,7 @@ class _FromFile:
             shape = (layout.rows, length + 1) if batch_first else (length + 1, layout.rows)
             out = np.empty(shape, dtype=np.int64)
             steps = torch.from_numpy(_fill(out, layout, start, start + length + 1, self.tokens.read, batch_first))
-            self.tokens.release()  # the resident set holds at most the pages of one batch
+            self.tokens.check()  # the batch was read from the file that was indexed
             return steps.narrow(axis, 0, length), steps.narrow(axis, 1, length)
 
         return cut
@@ -177,6 +197,8 @@ class StreamBatches:
         shuffle: reorder the documents every epoch.
         seed: the seed of the document order.
         rank, world_size: this process and the number of processes; ``None`` takes ``idist``'s.
+        vocab_size: token data only: check that every id of the documents' inputs is in ``[0, vocab_size)``
+            (a ``ValueError`` naming the document and the id), as :meth:`from_file` checks a file.
 
     Example:
         >>> import torch
@@ -206,6 +228,7 @@ class StreamBatches:
         seed: int = 0,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        vocab_size: Optional[int] = None,
     ) -> None:
         self.global_batch_size = check_positive_int("batch_size", batch_size)
         self.seq_len = check_positive_int("seq_len", seq_len)
@@ -221,6 +244,8 @@ class StreamBatches:
                 f"({self.world_size}), so that every process gets the same number of rows"
             )
         self._source: Union[_InMemory, _FromFile] = _FromFile(data) if isinstance(data, TokenFile) else _InMemory(data)
+        if vocab_size is not None and isinstance(self._source, _InMemory):  # a TokenFile checks its own
+            _check_vocabulary(self._source.inputs, vocab_size)
         self.next_step = self._source.next_step
         lengths = np.asarray(self._source.lengths, dtype=np.int64)
         shortest = int(lengths.min())
@@ -266,7 +291,7 @@ class StreamBatches:
         """Batches of token documents in a flat binary file, read batch by batch: for corpora larger than memory.
 
         The file holds token ids of ``dtype`` (``"uint8"``, ``"uint16"`` or ``"int32"``) end to end, read
-        through a read-only ``numpy.memmap``. The documents are given by ``offsets``, the first token of each
+        with ``os.pread``, batch by batch. The documents are given by ``offsets``, the first token of each
         (the first 0: a list, an array, a tensor, or a ``.npy`` file's path), or by a ``separator`` token id,
         which is dropped (the documents are the runs between separators), or the file is one document. With
         ``vocab_size`` every token id is checked to be in ``[0, vocab_size)``, reading the file in chunks;

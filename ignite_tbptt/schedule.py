@@ -22,8 +22,9 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
-    "ARTBP", "Chunk", "RandomLength", "Reach", "Truncations", "adaptive_plan", "batch_plan", "check_positive_int",
-    "check_steps", "checkpoint_cuts", "cross_boundary", "plan_chunks", "later_window_starts", "segment_spans", "truncate",
+    "ARTBP", "BatchPlan", "Chunk", "RandomLength", "Reach", "Truncations", "adaptive_plan", "batch_plan", "check_positive_int",
+    "check_steps", "checkpoint_cuts", "cross_boundary", "plan_batch", "plan_chunks", "later_window_starts", "segment_spans",
+    "truncate",
     "window_starts_after",
 ]
 
@@ -78,7 +79,7 @@ def check_steps(k1: int, k2: int) -> None:
     """
     for name, value in (("tbtt_step", k1), ("k2", k2)):
         if isinstance(value, bool) or not isinstance(value, int):
-            other = " or ARTBP(p) (random truncation)" if name == "k2" else ""
+            other = " or ARTBP(p) (random truncation) or AdaptiveK2(delta) (adaptive)" if name == "k2" else ""
             raise TypeError(f"{name} must be an int{other}, got {type(value).__name__} ({value!r})")
     if k1 < 1:
         raise ValueError(f"tbtt_step must be >= 1, got {k1}")
@@ -467,6 +468,41 @@ def _starts_after(stop: int, tbtt_step: Steps, overlap: int) -> List[int]:
         ahead += 1
         starts.append(stop + sum(tbtt_step.peek(ahead)))
     return starts[:-1] if len(starts) > 1 else []
+
+
+class BatchPlan(NamedTuple):
+    """One batch's plan: what the overlap modes, ``ARTBP`` and ``AdaptiveK2`` read of the schedule.
+
+    ``chunks``: the batch's updates in order, each with its window start and compensation. ``later_of(chunk)``: the
+    window starts of later updates (of this batch and, on a carried stream, of the next one as planned) that fall
+    before the chunk's end: where its forward pass is cut and where the window keeps a state. ``k2``: the batch's
+    window in steps (``None`` under ``ARTBP``, whose windows are random). ``truncations`` (``ARTBP``) and ``reach``
+    (a window set per batch): what the batch leaves the next batch's plan, ``None`` where unused.
+
+    >>> plan = plan_batch(6, 0, 3, 4, stream=False)
+    >>> [(c.start, c.window_start, plan.later_of(c)) for c in plan.chunks], plan.k2
+    ([(0, 0, [2]), (3, 2, [])], 4)
+    """
+
+    chunks: List[Chunk]
+    later_of: Callable[[Chunk], List[int]]
+    k2: Optional[int]
+    truncations: Optional[Truncations] = None
+    reach: Optional[Reach] = None
+
+
+def plan_batch(
+    length: int, offset: int, tbtt_step: Steps, k2: Union[Window, Reach], stream: bool,
+    truncations: Optional[Truncations] = None,
+) -> BatchPlan:
+    """The plan of a batch of ``length`` steps from stream position ``offset``: windows of ``k2`` steps, random
+    truncation (``k2=ARTBP(...)``, continuing ``truncations``; ``None``: a fresh stream) or, for a window set per
+    batch, a :class:`Reach` (:func:`adaptive_plan`). ``stream``: the next batch continues the stream."""
+    if isinstance(k2, Reach):
+        chunks, later_of, floor = adaptive_plan(length, offset, tbtt_step, k2, stream)
+        return BatchPlan(chunks, later_of, bptt_of(tbtt_step) + k2.overlap, reach=Reach(k2.next_overlap, k2.next_overlap, floor))
+    chunks, later_of, after = batch_plan(length, offset, tbtt_step, k2, stream, truncations)
+    return BatchPlan(chunks, later_of, None if isinstance(k2, ARTBP) else k2, truncations=after)
 
 
 def segment_spans(start: int, stop: int, cuts: Iterable[int]) -> List[Tuple[int, int]]:

@@ -37,7 +37,8 @@ import torch
 from ignite_tbptt.state import StateProtocol
 
 __all__ = [
-    "BurnIn", "Gate", "GateTrack", "SequenceInfo", "burn_in_marks", "chunk_gates", "masked_pair", "parse_sequence_info",
+    "BurnIn", "Gate", "GateTrack", "SequenceInfo", "burn_in_marks", "chunk_gates", "clear_padding", "masked_pair",
+    "parse_sequence_info",
     "run_gated",
 ]
 
@@ -250,6 +251,27 @@ def masked_pair(y_pred: Any, y: torch.Tensor, valid: Optional[torch.Tensor], dim
         raise TypeError(f"with a mask or lengths, y_pred must be a tensor, got {type(y_pred).__name__}")
     batch_axis = 1 - dim
     return y_pred[valid].unsqueeze(batch_axis), y[valid].unsqueeze(batch_axis)
+
+
+def clear_padding(x: Any, info: Optional[SequenceInfo], rows: slice, dim: int) -> Any:
+    """A chunk's floating ``x`` with zeros at the steps that are not valid (padding, masked pairs).
+
+    Such a step holds its sample's state and scores nothing, so its input changes nothing the gradient sees: but
+    a NaN or inf there would, since the backward pass multiplies the zero gradient at a held step by the
+    step's non-finite activations (``0 * nan`` is ``nan``). Zeros make the contract's "adds nothing" hold for
+    any value there. Token ids and other integer inputs cannot be non-finite and pass unchanged.
+
+    >>> info = SequenceInfo(valid=torch.tensor([[True, True], [True, False]]), resets=None)
+    >>> clear_padding(torch.full((2, 2, 1), float("nan")), info, slice(0, 2), dim=0).isnan().flatten().tolist()
+    [True, True, True, False]
+    """
+    if info is None or info.valid is None or not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        return x
+    valid = info.valid[rows]
+    if bool(valid.all()):
+        return x
+    valid = (valid if dim == 0 else valid.t()).to(x.device)
+    return torch.where(valid.view(*valid.shape, *[1] * (x.dim() - 2)), x, x.new_zeros(()))
 
 
 def run_gated(gate: Optional[Gate], forward: Any, x: torch.Tensor, hidden: Any, start: int, state: StateProtocol) -> Tuple[Any, Any]:

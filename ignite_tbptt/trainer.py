@@ -13,9 +13,9 @@ import torch
 from ignite.engine import Engine, Events, _prepare_batch
 from torch import nn
 
-from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2
+from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2, check_window_kind
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
-from ignite_tbptt.batches import batch_chunks, batch_size_of, chunk_sequence, split_batch
+from ignite_tbptt.batches import NothingToTrain, batch_chunks, batch_size_of, checked_loss, chunk_sequence, split_batch
 from ignite_tbptt.checks import check_state_passing
 from ignite_tbptt.carry import (
     CHUNK_LENGTHS_KEY, TRUNCATION_DRAWS_KEY, CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine,
@@ -23,13 +23,14 @@ from ignite_tbptt.carry import (
 from ignite_tbptt.distributed import average_gradients, is_ddp
 from ignite_tbptt.events import Tbptt_Events, TIME_ITERATION_ATTR, fire, start_chunk, stop_requested
 from ignite_tbptt.schedule import (
-    ARTBP, Chunk, RandomLength, Reach, Steps, Window, adaptive_plan, batch_plan, bptt_of, check_positive_int, check_steps,
+    ARTBP, BatchPlan, Chunk, RandomLength, Reach, Steps, Window, bptt_of, check_positive_int, check_steps, plan_batch,
 )
-from ignite_tbptt.sequences import masked_pair
+from ignite_tbptt.lifecycle import options_of
+from ignite_tbptt.sequences import clear_padding, masked_pair
 from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
 from ignite_tbptt.updates import (
-    SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, AccumulationGroup, BurnInTally, all_finite, count_skipped_updates, count_window_lengths, found_inf,
-    scaled_learning_rate,
+    SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, AccumulationGroup, BurnInTally, all_finite, count_skipped_updates, count_window_lengths,
+    scaled_learning_rate, scaler_step,
 )
 from ignite_tbptt.window import RecomputeWindow, RetainWindow, cat_time, default_model_fn, detached
 
@@ -44,6 +45,8 @@ __all__ = [
 OVERLAP_MODES = {"recompute": RecomputeWindow, "retain": RetainWindow}
 #: The ``engine.state`` attribute holding the current batch's backprop window in steps (``None`` under ``ARTBP``).
 K2_ATTR = "k2"
+#: The ``engine.state`` attribute holding whether ``recompute`` re-runs windows in merged calls (``None``: not yet known).
+MERGE_CALLS_ATTR = "merge_calls"
 #: The ``engine.state`` attribute holding the latest update's state-gradient norms (``monitor_state_grads=True``).
 STATE_GRAD_NORMS_ATTR = "state_grad_norms"
 
@@ -87,7 +90,7 @@ def supervised_tbptt_training_step(
     check_state: bool = False,
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
-    merge_calls: bool = False,
+    merge_calls: Optional[bool] = None,
     monitor_state_grads: bool = False,
 ) -> Callable[[Engine, Any], Any]:
     """The update function of :func:`create_supervised_tbptt_trainer`.
@@ -146,6 +149,8 @@ def supervised_tbptt_training_step(
     accumulate = gradient_accumulation_steps
     # Looked up at call time so that a test can patch the module-level _detach_hidden.
     detach = lambda hidden: _detach_hidden(hidden)  # noqa: E731
+    if merge_calls is not None and not isinstance(merge_calls, bool):
+        raise TypeError(f"merge_calls must be True, False or None (find out), got {type(merge_calls).__name__}")
     if merge_calls and overlap != "recompute":
         raise ValueError('merge_calls=True applies to overlap="recompute" only: retain runs every step once')
     if monitor_state_grads and overlap != "retain":
@@ -154,7 +159,8 @@ def supervised_tbptt_training_step(
             "every chunk boundary anyway; recompute backpropagates each window in one call and would need a hook "
             "at every boundary (see docs/guide/choosing-k2.md)"
         )
-    window = (RecomputeWindow(model, model_fn, detach, dim, state, checkpoint_every, merge_calls) if overlap == "recompute"
+    recompute = overlap == "recompute"
+    window = (RecomputeWindow(model, model_fn, detach, dim, state, checkpoint_every, merge_calls) if recompute
               else RetainWindow(model, model_fn, detach, dim, state, checkpoint_every, monitor_state_grads))
     stream = CarriedState(window, carry_state, burn_in)
     keep_predictions = output_transform is not _default_output_transform
@@ -207,16 +213,23 @@ def supervised_tbptt_training_step(
         if clip_grad_norm is not None:
             engine.state.grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         if scaler is not None:
-            with scaled_learning_rate(optimizer, factor):
-                scaler.step(optimizer)  # skips the step itself where its inf check found a non-finite gradient
-            if skip_nonfinite and bool(found_inf(scaler, optimizer)):
+            if not scaler_step(scaler, optimizer, factor, skip_nonfinite):
                 skip_update(engine)
-            scaler.update()
         elif skip_nonfinite and not update_is_finite(engine, loss_ok, distributed):
             skip_update(engine)
         else:
             with scaled_learning_rate(optimizer, factor):
                 optimizer.step()
+
+    def report_merge(engine: Engine) -> None:
+        """Put the window's choice of calls in ``engine.state.merge_calls``, with a log line: it decides the speed."""
+        merge = window.merge_calls
+        setattr(engine.state, MERGE_CALLS_ATTR, merge)
+        engine.logger.info(
+            'overlap="recompute" re-runs each window in %s (engine.state.merge_calls=%s)',
+            "as few calls as possible: merging them changes nothing for this model" if merge
+            else "the calls the forward pass made: this model depends on where the stream is cut", merge,
+        )
 
     def drop_group() -> None:
         """After a stop inside a batch: the half-accumulated gradient of the steps that ran is never stepped."""
@@ -233,6 +246,7 @@ def supervised_tbptt_training_step(
         ``check_axes``, the state's batch axes are checked after the forward pass, before any update.
         """
         x_t, y_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)
+        x_t = clear_padding(x_t, info, rows, dim)
         gates, valid, weight = chunk_sequence(info, rows, chunk, x_t, dim)
         start_chunk(engine, chunk, num_chunks, weight)
         if stop_requested(engine):
@@ -246,9 +260,11 @@ def supervised_tbptt_training_step(
             optimizer.zero_grad()
         with autocast():
             y_pred = window.forward(chunk, later, x_t, gates)
+            if recompute and window.merge_calls != getattr(engine.state, MERGE_CALLS_ATTR, None):
+                report_merge(engine)
             if check_axes:
                 state.check(window.hidden, batch_size_of(x_t, dim))
-            loss = loss_fn(*masked_pair(y_pred, y_t, valid, dim)) if weight else None
+            loss = checked_loss(loss_fn(*masked_pair(y_pred, y_t, valid, dim))) if weight else None
         backward(loss, weight, chunk.length)
         if monitor_state_grads:
             norms = window.state_grad_norms
@@ -256,6 +272,7 @@ def supervised_tbptt_training_step(
         if count % accumulate == 0:
             optimizer_step(engine, distributed)
         engine.state.output = loss.detach() if loss is not None else torch.zeros((), device=x_t.device)
+        stream.chunk_trained(chunk)
         fire(engine, Tbptt_Events.TIME_ITERATION_COMPLETED)
         # Only detached predictions leave: a y_pred still attached would keep this chunk's autograd graph alive
         # through the next chunk's forward pass, whose graph then fills fresh memory instead of the cache-warm
@@ -263,6 +280,7 @@ def supervised_tbptt_training_step(
         return detached(y_pred) if keep_predictions else None, engine.state.output, weight
 
     unchecked = check_state  # the state-passing check runs on the first batch longer than one chunk
+    nothing = NothingToTrain()
     tally = BurnInTally(burn_in) if burn_in else None
 
     def adapted_reach(engine: Engine, x: Any, y: Any, offset: int) -> Reach:
@@ -281,40 +299,38 @@ def supervised_tbptt_training_step(
         provided = stream.reach if offset else None
         return Reach(overlap, overlap) if provided is None else provided._replace(next_overlap=overlap)
 
-    def plan(engine: Engine, x: Any, y: Any, length: int, offset: int) -> Tuple[List[Chunk], Callable[[Chunk], List[int]]]:
-        """The batch's chunks and their later window starts; the window in steps to ``engine.state.k2``."""
-        if adaptive is None:
-            chunks, later_of, stream.truncations = batch_plan(
-                length, offset, lengths or tbtt_step, artbp or k2, stream.carry, stream.truncations
-            )
-            setattr(engine.state, K2_ATTR, None if artbp is not None else k2)
-            return chunks, later_of
-        reach = adapted_reach(engine, x, y, offset)
-        chunks, later_of, floor = adaptive_plan(length, offset, lengths or tbtt_step, reach, stream.carry)
-        stream.reach = Reach(reach.next_overlap, reach.next_overlap, floor)  # what the next batch's windows may use
-        setattr(engine.state, K2_ATTR, bptt + reach.overlap)
-        return chunks, later_of
+    def plan_of(engine: Engine, x: Any, y: Any, length: int, offset: int) -> BatchPlan:
+        """The batch's plan; what it leaves the next batch's plan is kept in the stream, its window in steps in
+        ``engine.state.k2``."""
+        window = (artbp or k2) if adaptive is None else adapted_reach(engine, x, y, offset)
+        plan = plan_batch(length, offset, lengths or tbtt_step, window, stream.carry, stream.truncations)
+        stream.truncations, stream.reach = plan.truncations, plan.reach
+        setattr(engine.state, K2_ATTR, plan.k2)
+        return plan
 
-    def update(engine: Engine, batch: Any) -> Any:
+    def check_state_once(x: Any, y: Any, length: int) -> None:
+        """``check_state``: check that the model passes its state on, at the first batch longer than one chunk."""
         nonlocal unchecked
-        x, y, info, length = split_batch(batch, dim)
         if unchecked and length > bptt:
             x_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)[0]
             check_state_passing(model, x_t, bptt, model_fn=model_fn, dim=dim, hidden_batch_dim=hidden_batch_dim,
                                 reset_hidden=reset_hidden)
             unchecked = False
-        offset = stream.begin_batch(x, dim, info.position if info is not None else None)
-        info = stream.mark_burn_in(info, length)
-        chunks, later_of = plan(engine, x, y, length, offset)
+
+    def run_plan(
+        engine: Engine, plan: BatchPlan, x: Any, y: Any, info: Any, offset: int, length: int
+    ) -> Tuple[Optional[torch.Tensor], int, List[Any]]:
+        """Train on each chunk of the plan in turn; return the sum of their losses times their weights, the sum of
+        the weights and the kept predictions. A stop or an exception inside the batch ends it there, and the
+        stream and the accumulation group with it."""
         distributed = idist.get_world_size() > 1 and not is_ddp(model)  # averaged by hand before each step
-        model.train()
         total, total_weight, predictions, done = None, 0, [], 0
         try:
-            for chunk, later, rows, x_c, y_c in batch_chunks(chunks, later_of, x, y, offset, dim):
+            for chunk, later, rows, x_c, y_c in batch_chunks(plan.chunks, plan.later_of, x, y, offset, dim):
                 # A batch that resets, pads or burns in works on the state per sample: its batch axes are checked
                 # at its first chunk, before the first update, rather than at the first reset deep in the batch.
                 check_axes = done == 0 and info is not None and info.gated
-                ran = run_chunk(engine, chunk, len(chunks), later, x_c, y_c, info, rows, distributed, check_axes)
+                ran = run_chunk(engine, chunk, len(plan.chunks), later, x_c, y_c, info, rows, distributed, check_axes)
                 if ran is None:
                     break
                 y_pred, loss, weight = ran
@@ -327,10 +343,22 @@ def supervised_tbptt_training_step(
                     predictions.append(y_pred)
                 if stop_requested(engine):
                     break
-        finally:  # a stop or an exception inside the batch ends it there, the stream and the group with it
-            stream.end_batch(length, complete=done == len(chunks))
-            if done < len(chunks):
+        finally:
+            complete = stream.batch_complete(plan.chunks)
+            stream.end_batch(length, complete)
+            if not complete:
                 drop_group()
+        return total, total_weight, predictions
+
+    def update(engine: Engine, batch: Any) -> Any:
+        x, y, info, length = split_batch(batch, dim)
+        check_state_once(x, y, length)
+        offset = stream.begin_batch(x, dim, info.position if info is not None else None)
+        info = stream.mark_burn_in(info, length)
+        plan = plan_of(engine, x, y, length, offset)
+        model.train()
+        total, total_weight, predictions = run_plan(engine, plan, x, y, info, offset, length)
+        nothing.check(x, info, dim, engine.state.iteration)
         if tally is not None:
             tally.add(total_weight, stream.position if stream.carry else length)
         y_pred = cat_time(predictions, dim) if predictions else None
@@ -380,7 +408,7 @@ def create_supervised_tbptt_trainer(
     check_state: bool = False,
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
-    merge_calls: bool = False,
+    merge_calls: Optional[bool] = None,
     monitor_state_grads: bool = False,
 ) -> Engine:
     """Create a trainer for recurrent models with truncated backpropagation through time, TBPTT(k1, k2).
@@ -480,11 +508,15 @@ def create_supervised_tbptt_trainer(
             (``keep`` a ``(B,)`` bool tensor, ``False`` for the samples to reset), for a model whose fresh state
             is not zeros. ``None``: zeros, written with ``torch.where`` so that a non-finite state is cleared.
             Padding of a fresh stream holds a sample at the state it gives too.
-        merge_calls: with ``overlap="recompute"``, re-run each window in as few model calls as its sequence
-            information allows, instead of in the calls the forward pass made (each chunk, cut where a later
-            window starts). Only for a model whose output does not depend on where the stream is cut into calls
-            (``nn.RNN``/``GRU``/``LSTM`` and their cells do not; a Transformer-XL memory does): the gradient is
-            then the same, and fused kernels at small ``k1`` run faster.
+        merge_calls: with ``overlap="recompute"``, whether to re-run each window in as few model calls as its sequence
+            information allows, instead of in the calls the forward pass made (each chunk, cut where a later window
+            starts). Merged is the same gradient only for a model whose output does not depend on where the stream
+            is cut into calls (``nn.RNN``/``GRU``/``LSTM`` and their cells; a Transformer-XL memory does depend),
+            and faster for fused kernels at small ``k1``. ``None`` (default): the trainer finds out, once, at the
+            first window that merging would change: it runs that window both ways without gradient and with
+            dropout off, at the current parameters and at perturbed ones, and merges from then on if outputs and
+            final state agree within the dtype's tolerance (a model with batch norm keeps the calls). The answer
+            is ``engine.state.merge_calls`` (``None`` until then), with a log line. ``True`` or ``False`` forces it.
         monitor_state_grads: with ``overlap="retain"``, after every update ``engine.state.state_grad_norms`` is a
             1-D tensor on the model's device: entry ``j`` the norm (over the batch and the state's floating leaves)
             of the update's state gradient at the start of the chunk ``j`` chunks back, ``j = 0`` the update's own
@@ -515,6 +547,7 @@ def create_supervised_tbptt_trainer(
         >>> state.time_iteration
         20
     """
+    check_window_kind(k2)
     step = supervised_tbptt_training_step(
         model, optimizer, loss_fn, tbtt_step, k2, overlap, dim, device, non_blocking, prepare_batch,
         model_fn, output_transform, carry_state, amp_mode, scaler, gradient_accumulation_steps, clip_grad_norm,
@@ -523,7 +556,14 @@ def create_supervised_tbptt_trainer(
     )
     engine = tbptt_engine(step, carry_state, DeterministicTbpttEngine if deterministic else TbpttEngine)
     adaptive = engine.adaptive_k2 = step.adaptive_k2  # type: ignore[attr-defined]
+    # What a checkpoint must agree on to be loaded (the options that shape the stream and what is saved of it).
+    engine.options = options_of(  # type: ignore[attr-defined]
+        tbtt_step=tbtt_step, k2=k2, overlap=overlap, dim=dim, carry_state=carry_state, burn_in=burn_in,
+        gradient_accumulation_steps=gradient_accumulation_steps, deterministic=deterministic,
+    )
     setattr(engine.state, K2_ATTR, initial_k2(tbtt_step, k2, adaptive))
+    if overlap == "recompute":
+        setattr(engine.state, MERGE_CALLS_ATTR, merge_calls)
     if skip_nonfinite:
         count_skipped_updates(engine)
     if isinstance(k2, ARTBP):

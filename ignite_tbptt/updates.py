@@ -12,7 +12,7 @@ from ignite.engine import Engine, Events
 
 __all__ = [
     "SKIPPED_UPDATES_ATTR", "WINDOW_LENGTHS_ATTR", "AccumulationGroup", "BurnInTally", "all_finite", "count_skipped_updates", "count_window_lengths",
-    "found_inf", "keep_per_run", "scaled_learning_rate",
+    "found_inf", "keep_per_run", "scaled_learning_rate", "scaler_step",
 ]
 
 #: The ``engine.state`` attribute that counts the updates ``skip_nonfinite`` skipped.
@@ -42,6 +42,26 @@ def found_inf(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer) 
     """
     found = list(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())
     return torch.stack([f.to(found[0].device) for f in found]).sum() > 0
+
+
+def scaler_step(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer, factor: float, skip_nonfinite: bool) -> bool:
+    """Step the optimizer through the ``GradScaler`` (at the learning rate times ``factor``) and update the scale;
+    return whether the step was made.
+
+    With ``skip_nonfinite`` the step is made only where every gradient is finite now, after the
+    ``GRADIENTS_COMPUTED`` handlers and the clipping: the scaler's own inf check ran at ``unscale_``, before
+    them, so a non-finite gradient a handler wrote would be applied (and every later update skipped, on NaN
+    parameters). One or two host reads per update. The scale still moves on the scaler's own check.
+    """
+    made = True
+    if skip_nonfinite:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        made = not bool(found_inf(scaler, optimizer)) and bool(all_finite(grads))
+    if made:
+        with scaled_learning_rate(optimizer, factor):
+            scaler.step(optimizer)  # without skip_nonfinite, skips the step itself where its inf check found one
+    scaler.update()
+    return made
 
 
 @contextlib.contextmanager

@@ -148,6 +148,86 @@ class _Inputs:
         self.chunks = deque((a, b, x) for a, b, x in saved)
 
 
+#: The tolerance ``(rtol, atol)`` within which :func:`merging_changes_nothing` takes two runs as the same, per dtype:
+#: torch.testing's defaults, which a fused kernel run in one call or in several stays within.
+MERGE_TOLERANCE = {
+    torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5), torch.float64: (1e-7, 1e-7),
+}
+
+
+def merging_changes_nothing(
+    model: Any, run: Callable[[List[Tuple[int, int]]], Tuple[Any, Hidden]], spans: List[Tuple[int, int]],
+    merged: List[Tuple[int, int]],
+) -> bool:
+    """Whether ``model`` gives the same outputs and final state run over ``merged`` spans as over ``spans``.
+
+    ``run(spans)`` runs a window's steps in one call per span without gradient and returns the outputs and the
+    last state. Both runs go with dropout off (``eval()``, every module's mode restored after), once at the
+    current parameters and once at parameters moved by seeded noise (restored bit for bit after), so that a
+    model that is cut-dependent only once trained (a zero-initialised attention branch) shows it now. The runs
+    agree when every leaf agrees within :data:`MERGE_TOLERANCE` of its dtype. A model with running statistics
+    in training mode (batch norm) is cut-dependent whatever the runs say: in training it normalises over each
+    call. The global random state is not drawn from.
+
+    >>> lstm = torch.nn.LSTM(1, 2)
+    >>> x = torch.randn(6, 1, 1)
+    >>> run = lambda spans: (torch.cat([lstm(x[a:b])[0] for a, b in spans]), None)  # each call from a fresh state
+    >>> merging_changes_nothing(lstm, run, [(0, 3), (3, 6)], [(0, 6)])
+    False
+    """
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    if any(m.training and getattr(m, "running_mean", None) is not None for m in modules):
+        return False
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.training = False
+        return _alike(run(spans), run(merged)) and _perturbed(model, lambda: _alike(run(spans), run(merged)))
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+
+
+def _perturbed(model: Any, check: Callable[[], bool]) -> bool:
+    """``check()`` with the floating parameters of ``model`` moved by seeded noise (restored exactly after)."""
+    if not isinstance(model, nn.Module):
+        return True  # nothing to move: the check at the current values stands
+    generator = torch.Generator().manual_seed(0)  # not the global generator: the run's draws stay as they were
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+                p.add_((noise * (0.1 * float(p.abs().mean()) + 0.01)).to(device=p.device, dtype=p.dtype))
+        return check()
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+
+
+def _alike(first: Any, second: Any) -> bool:
+    """Whether two nestings of tensors have the same structure, shapes and values within :data:`MERGE_TOLERANCE`."""
+    (leaves_a, spec_a), (leaves_b, spec_b) = tree_flatten(first), tree_flatten(second)
+    if spec_a != spec_b:
+        return False
+    for a, b in zip(leaves_a, leaves_b):
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                return False
+        elif a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        elif not a.is_floating_point():
+            if not torch.equal(a, b):
+                return False
+        else:
+            rtol, atol = MERGE_TOLERANCE.get(a.dtype, (0.0, 0.0))
+            if not torch.allclose(a, b, rtol=rtol, atol=atol):
+                return False
+    return True
+
+
 class RecomputeWindow:
     """``overlap="recompute"``: re-run each window ``(w, t]`` from the stored state at ``w``.
 
@@ -164,10 +244,14 @@ class RecomputeWindow:
         checkpoint_every: run the window in segments of at most this many steps under activation
             checkpointing, so memory holds one state per segment plus one segment's activations instead of
             the whole window's; ``None`` keeps all activations.
-        merge_calls: re-run a window in as few model calls as its sequence gates allow, instead of in the calls
-            the forward pass made (each chunk, cut where a later window starts). The same for a model whose
-            output does not depend on where the stream is cut into calls (``nn.RNN``/``GRU``/``LSTM``), and
+        merge_calls: ``True``: re-run a window in as few model calls as its sequence gates allow, instead of in
+            the calls the forward pass made (each chunk, cut where a later window starts). The same for a model
+            whose output does not depend on where the stream is cut into calls (``nn.RNN``/``GRU``/``LSTM``), and
             faster for fused kernels at small ``k1``; a Transformer-XL memory would compute another forward pass.
+            ``False``: always the forward pass's calls. ``None``: find out with :func:`merging_changes_nothing` at
+            the first window whose calls merging would change, and merge from then on if it changes nothing; the
+            answer is then ``merge_calls``. It holds for the window's life: a model is cut-dependent or not
+            whatever its mode or dtype.
 
     Example:
         >>> import torch
@@ -183,7 +267,7 @@ class RecomputeWindow:
 
     def __init__(
         self, model: Any, model_fn: ModelFn, detach: Callable, dim: int, state: Optional[StateProtocol] = None,
-        checkpoint_every: Optional[int] = None, merge_calls: bool = False,
+        checkpoint_every: Optional[int] = None, merge_calls: Optional[bool] = False,
     ) -> None:
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
         self.checkpoint_every, self.merge_calls = checkpoint_every, merge_calls
@@ -211,18 +295,23 @@ class RecomputeWindow:
         # The kept state sits at this window's start: the previous update kept it at the first later window
         # start, and the next chunk always starts where the schedule expected it.
         hidden = None if self.hidden is None else self.detach(self.hidden)
+        later_starts = self._on_calls(chunk, later_starts)
         next_start = later_starts[0] if later_starts else chunk.stop
         outputs = []
         # The window re-runs in the calls the forward pass made (every chunk, cut where a later window starts), so
-        # that a model whose output depends on where it is cut (a memory of the last M steps) runs as it ran.
+        # that a model whose output depends on where it is cut (a memory of the last M steps) runs as it ran;
+        # merged, in as few calls as the gates, checkpoints and compensations allow.
         self.calls += [chunk.start, *later_starts]
-        calls = [chunk.start, next_start] if self.merge_calls else self.calls
-        cuts = [
-            *calls, *self.gates.cuts(self.state_at, chunk.stop),
-            *checkpoint_cuts(self.state_at, chunk.stop, self.checkpoint_every), *self.factors,
-        ]
         window_start = self.state_at
-        for a, b in segment_spans(window_start, chunk.stop, cuts):
+        forced = [
+            *self.gates.cuts(window_start, chunk.stop), *checkpoint_cuts(window_start, chunk.stop, self.checkpoint_every),
+            *self.factors,
+        ]
+        spans = segment_spans(window_start, chunk.stop, [*self.calls, *forced])
+        merged = segment_spans(window_start, chunk.stop, [chunk.start, next_start, *forced])
+        if self.merge_calls is None and merged != spans:
+            self.merge_calls = merging_changes_nothing(self.model, self._runner(hidden), spans, merged)
+        for a, b in merged if self.merge_calls else spans:
             if a > window_start:  # a crossed boundary; the window's own start is held constant
                 hidden = compensated(hidden, self.factors.get(a, 1.0))
             y_pred, hidden = run_span(self.gates, self._call, self.inputs.over(a, b), hidden, a, bool(self.checkpoint_every))
@@ -235,6 +324,30 @@ class RecomputeWindow:
         self.factors = {j: f for j, f in self.factors.items() if j > next_start}
         self.calls = [j for j in self.calls if j > next_start]
         return cat_time(outputs, self.dim)
+
+    def _on_calls(self, chunk: Chunk, later_starts: List[int]) -> List[int]:
+        """``later_starts`` with each start before ``chunk`` that falls inside a call the forward pass made moved to
+        that call's end (docs/contract.md, "Carried state"), as :class:`RetainWindow` starts a window at a segment's.
+
+        Such a start was not foreseen when its call ran: a batch whose length is not a multiple of ``k1`` moved the
+        chunk grid of the batches after it. A state there would be a cut the forward pass never made.
+        """
+        made = sorted({self.state_at, *self.calls, chunk.start})
+        return sorted({p if p >= chunk.start else next(c for c in made if c >= p) for p in later_starts})
+
+    def _runner(self, hidden: Optional[Hidden]) -> Callable[[List[Tuple[int, int]]], Tuple[Any, Hidden]]:
+        """A function running the kept inputs over given spans from ``hidden``: the outputs over them and the last
+        state, without gradient (what :func:`merging_changes_nothing` compares)."""
+
+        def run(spans: List[Tuple[int, int]]) -> Tuple[Any, Hidden]:
+            state, outputs = hidden, []
+            with torch.no_grad():
+                for a, b in spans:
+                    y_pred, state = self.gates.run(self._call, self.inputs.over(a, b), state, a)
+                    outputs.append(y_pred)
+            return cat_time(outputs, self.dim), state
+
+        return run
 
     def backward(self, loss: Optional[torch.Tensor]) -> None:
         """Backpropagate the chunk's (scaled) loss through the window; ``None``: nothing to learn from."""

@@ -150,7 +150,8 @@ def _per_sample(hidden, fresh, dims, reset):
     return torch.stack(rows, dims)
 
 
-def reference_chunked_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, resets=None, fresh=None, dims=0):
+def reference_chunked_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, resets=None, fresh=None, dims=0, chunks=None,
+                                 windows=None, cuts=None):
     """Parameters after every SGD update of TBPTT(k1, k2), backpropagating through the chunked model.
 
     The model runs in the calls the forward pass makes: every ``k1``-step chunk, cut further before every step
@@ -158,11 +159,16 @@ def reference_chunked_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, rese
     ``k1``, so every window starts at a call boundary. Each update rebuilds its window's calls from the state at
     the window start, which is held constant, with the parameters of the update (``"recompute"``) or those each
     call ran under (``"retain"``). A reset puts ``fresh(hidden)``'s value in the resetting samples, one sample at
-    a time.
+    a time. ``chunks`` (``(s, t)`` pairs), ``windows`` (each update's window start) and ``cuts`` (where calls
+    start, besides the chunk starts) replace the ``k1`` grid and its windows, for any ``k2``.
     """
     T, o = x.shape[0], k2 - k1
-    assert o % k1 == 0, "the chunked reference needs k2 - k1 to be a multiple of k1"
-    cuts = set(range(0, T, k1)) | ({int(t) for t in resets.any(1).nonzero().flatten()} if resets is not None else set())
+    if chunks is None:
+        assert o % k1 == 0, "the chunked reference needs k2 - k1 to be a multiple of k1"
+        chunks = [(s, min(s + k1, T)) for s in range(0, T, k1)]
+    windows = [max(0, s - o) for s, _ in chunks] if windows is None else windows
+    cuts = {s for s, _ in chunks} | set(cuts or ()) | (
+        {int(t) for t in resets.any(1).nonzero().flatten()} if resets is not None else set())
     bounds = sorted(cuts | {T})
     calls = list(zip(bounds[:-1], bounds[1:]))
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -173,8 +179,7 @@ def reference_chunked_trajectory(model, x, y, k1, k2, overlap, lr, loss_fn, rese
             hidden = _per_sample(hidden, fresh(hidden), dims, resets[a])
         return functional_call(model, theta, (x[a:b],) if hidden is None else (x[a:b], hidden))
 
-    for s in range(0, T, k1):
-        t, w = min(s + k1, T), max(0, s - o)
+    for (s, t), w in zip(chunks, windows):
         if overlap == "retain":
             hidden = states[s]
             for a, b in [c for c in calls if s <= c[0] < t]:

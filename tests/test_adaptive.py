@@ -11,7 +11,9 @@ from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from ignite_tbptt import AdaptiveK2, ARTBP, RandomLength, Tbptt_Events, create_supervised_tbptt_trainer, gradient_horizon
+from ignite_tbptt import (
+    AdaptiveK2, ARTBP, GradientHorizon, RandomLength, Tbptt_Events, create_supervised_tbptt_trainer, gradient_horizon,
+)
 from tests.models import make_data, make_model
 from tests.reference import reference_trajectory
 from tests.test_k1k2 import LR, assert_same_trajectory
@@ -60,6 +62,10 @@ def windows_for(Ks, k1=K1, length=LENGTH):
 # ---- the window is the horizon's suggestion ------------------------------------------------------------------------
 
 
+CLAMPED = "ignore:AdaptiveK2. the estimate wants"  # a small k_max on purpose: the clamp's warning is tested below
+
+
+@pytest.mark.filterwarnings(CLAMPED)
 @pytest.mark.parametrize("overlap", MODES)
 def test_the_window_is_the_horizons_suggestion_on_the_batches_seen(overlap):
     """Learning rate 0: the state the trainer carries into batch b is the model run over the batches before it."""
@@ -72,11 +78,37 @@ def test_the_window_is_the_horizons_suggestion_on_the_batches_seen(overlap):
         hidden = None if b == 0 else model(x[:b * LENGTH])[1]
         horizon = gradient_horizon(model, *batches[b], nn.MSELoss(), max_lag=8, tbtt_step=K1,
                                    hidden=None if hidden is None else tuple(h.detach() for h in hidden))
-        expected.append(min(k_max, max(1, math.ceil(math.log(delta) / math.log(horizon.decay)))))
+        expected.append(min(k_max, max(1, horizon.suggest(delta))))
     Ks = [K for _, K, _ in trainer.adaptive_k2.history]
     assert Ks == expected
     assert [u for u, _, _ in trainer.adaptive_k2.history] == [0, 4, 8, 12]  # every=1: at every batch's start
     assert record["windows"] == windows_for(Ks)
+
+
+def test_an_estimate_averages_several_batches():
+    """batches=3: the norms of three consecutive batches averaged, K from the mean so far at each of them."""
+    x, y, batches = stream_batches()
+    delta, k_max = 0.05, 50
+    _, trainer = train(make_model("LSTM"), batches, AdaptiveK2(delta, every=100, k_max=k_max, max_lag=8, batches=3),
+                       "recompute", lr=0.0)
+    model, norms, expected = make_model("LSTM"), [], []
+    for b in range(3):
+        hidden = None if b == 0 else tuple(h.detach() for h in model(x[:b * LENGTH])[1])
+        norms.append(gradient_horizon(model, *batches[b], nn.MSELoss(), max_lag=8, tbtt_step=K1, hidden=hidden).norms)
+        mean = GradientHorizon.from_norms(torch.stack(norms).mean(0))
+        expected.append((4 * b, min(k_max, mean.suggest(delta)), mean.decay))
+    assert [(u, K) for u, K, _ in trainer.adaptive_k2.history] == [(u, K) for u, K, _ in expected]
+    assert [beta for _, _, beta in trainer.adaptive_k2.history] == pytest.approx([beta for _, _, beta in expected], rel=1e-9)
+    assert len({K for _, K, _ in expected}) > 1  # the mean moves K: the test sees the averaging
+    assert trainer.adaptive_k2.last_at == 8 and trainer.state_dict()["tbptt_adaptive_k2"]["pending"] == []
+    # Mid-estimate, the batches measured so far are saved and the estimate stays due.
+    _, trainer = train(make_model("LSTM"), batches[:2], AdaptiveK2(delta, every=100, k_max=k_max, max_lag=8, batches=3),
+                       "recompute", lr=0.0)
+    saved = trainer.state_dict()["tbptt_adaptive_k2"]
+    assert torch.tensor(saved["pending"], dtype=torch.float64).equal(torch.stack(norms[:2]))
+    resumed = AdaptiveK2(delta, every=100, k_max=k_max, max_lag=8, batches=3)
+    resumed.load_state_dict(saved)
+    assert resumed.due(8) and resumed.K == expected[1][1]
 
 
 @pytest.fixture
@@ -205,19 +237,35 @@ def test_a_resumed_run_continues_with_the_window(overlap, tmp_path, scripted):
     ((0.1,), {"k_max": 5.0}, TypeError, r"AdaptiveK2: k_max must be an int, got float"),
     ((0.1,), {"k_max": 5, "every": True}, TypeError, r"AdaptiveK2: every must be an int, got bool"),
     ((0.1,), {"k_max": 5, "initial": 7}, ValueError, r"initial \(7\) must lie in \[k_min, k_max\] = \[1, 5\]"),
-    ((0.1,), {}, TypeError, r"k_max"),
+    ((0.1,), {"train_mode": 1}, TypeError, r"AdaptiveK2: train_mode must be a bool, got int"),
+    ((0.1,), {"batches": 0}, ValueError, r"AdaptiveK2: batches must be >= 1, got 0"),
 ])
 def test_bad_input_is_named(args, kwargs, error, message):
     with pytest.raises(error, match=message):
         AdaptiveK2(*args, **kwargs)
 
 
+def test_the_defaults():
+    adaptive = AdaptiveK2(0.1)
+    assert (adaptive.k_min, adaptive.k_max, adaptive.max_lag, adaptive.every, adaptive.train_mode, adaptive.batches) == (
+        1, 300, 100, 100, True, 1)
+
+
 def test_a_first_batch_too_short_to_measure_is_named():
     model = make_model("GRU")
     trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), 0.1), nn.MSELoss(), K1,
-                                              k2=AdaptiveK2(0.1, k_max=20))
-    with pytest.raises(ValueError, match=r"first batch has 12 time steps, and measuring lags 0..20 needs max_lag \+ 1 = 21"):
+                                              k2=AdaptiveK2(0.1))
+    with pytest.raises(ValueError, match=r"first batch has 12 time steps, and measuring lags 0..100 needs max_lag \+ 1 = 101"):
         trainer.run(stream_batches()[2][:1])
+
+
+@pytest.mark.parametrize("k2", [(ARTBP(0.2), AdaptiveK2(0.1)), [AdaptiveK2(0.1), ARTBP(0.2)]])
+def test_artbp_and_adaptive_together_name_both(k2):
+    model = make_model("GRU")
+    with pytest.raises(TypeError, match=r"k2 takes one window kind, got a (tuple of ARTBP and AdaptiveK2|list of AdaptiveK2 and ARTBP)"):
+        create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), 0.1), nn.MSELoss(), K1, k2=k2)
+    with pytest.raises(TypeError, match=r"k2 must be an int or ARTBP\(p\) \(random truncation\) or AdaptiveK2\(delta\) \(adaptive\), got str"):
+        create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), 0.1), nn.MSELoss(), K1, k2="adaptive")
 
 
 def test_no_decay_takes_k_max_with_one_warning():
@@ -225,10 +273,52 @@ def test_no_decay_takes_k_max_with_one_warning():
     with torch.no_grad():
         model.A.copy_(1.1 * torch.eye(3, dtype=torch.float64))  # the gradient grows by 1.1 a step back
     _, _, batches = stream_batches()
-    with pytest.warns(UserWarning, match=r"AdaptiveK2: no geometric decay .*beta = 1.1\). .*K = k_max = 7") as caught:
+    with pytest.warns(UserWarning, match=r"AdaptiveK2: no K can be estimated from this batch: no geometric decay was "
+                      r"measured \(decay beta = 1.1\).*K = k_max = 7") as caught:
         _, trainer = train(model, batches, AdaptiveK2(0.1, every=1, k_max=7, max_lag=6), "retain", lr=0.0)
     assert [(K, round(beta, 6)) for _, K, beta in trainer.adaptive_k2.history] == [(7, 1.1)] * BATCHES
     assert sum("no geometric decay" in str(w.message) for w in caught) == 1
+
+
+class Scaled(nn.Module):
+    """The GRU test model with its output times ``scale``: ``inf`` overflows the loss, ``0`` leaves no gradient."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.inner, self.scale = make_model("GRU"), scale
+
+    def forward(self, x, hidden=None):
+        y, hidden = self.inner(x, hidden)
+        return y * self.scale, hidden
+
+
+@pytest.mark.parametrize("scale, why", [
+    (float("inf"), r"the gradient norms are not finite at lags \[0, 1, 2, 3, 4\]\.\.\.: the loss or the model overflowed"),
+    (0.0, r"the gradient of the last step's loss is zero at every lag"),
+])
+def test_nothing_measurable_says_why(scale, why):
+    _, _, batches = stream_batches()
+    with pytest.warns(UserWarning, match=r"AdaptiveK2: no K can be estimated from this batch: " + why + r".*K = k_max = 9"):
+        _, trainer = train(Scaled(scale), batches[:1], AdaptiveK2(0.1, every=1, k_max=9, max_lag=8), "recompute", lr=0.0)
+    assert trainer.adaptive_k2.K == 9
+
+
+def test_a_clamp_warns_with_the_K_it_wanted():
+    """A linear recurrence of rate 0.9: the estimate wants K = 33 at delta = 0.05 (the closed form of
+    test_horizon's geometric test with max_lag = 10); k_max = 7 clamps it, once with a warning."""
+    model = LinearRNN()
+    with torch.no_grad():
+        model.A.copy_(0.9 * torch.eye(3, dtype=torch.float64))
+    _, _, batches = stream_batches()
+    wanted = math.ceil(math.log(0.05 * (1 - 2 * 0.9 ** 11)) / math.log(0.9))
+    with pytest.warns(UserWarning, match=rf"the estimate wants K = {wanted} for delta = 0.05, clamped to k_max = 7") as caught:
+        _, trainer = train(model, batches, AdaptiveK2(0.05, every=1, k_max=7, max_lag=10), "retain", lr=0.0)
+    assert [K for _, K, _ in trainer.adaptive_k2.history] == [7] * BATCHES
+    assert sum("clamped" in str(w.message) for w in caught) == 1
+    with torch.no_grad():
+        model.A.copy_(0.3 * torch.eye(3, dtype=torch.float64))  # 0.3 ** 1 <= 0.9 * (1 - 2 * 0.3 ** 11): K = 1
+    with pytest.warns(UserWarning, match=r"the estimate wants K = 1 for delta = 0.9, clamped to k_min = 5"):
+        train(model, batches[:1], AdaptiveK2(0.9, every=1, k_min=5, k_max=7, max_lag=10), "retain", lr=0.0)
 
 
 def test_the_monitor_needs_retain():
@@ -300,6 +390,7 @@ def test_the_monitor_reports_the_state_gradient_at_each_chunk_start(k2):
     assert len(seen[-1]) == (1 + (k2 - K1) // K1 if k2 > K1 else 0)
 
 
+@pytest.mark.filterwarnings(CLAMPED)
 @pytest.mark.parametrize("k2", [6, AdaptiveK2(0.1, every=2, k_max=8, max_lag=4)])
 def test_the_monitor_changes_nothing(k2):
     _, _, batches = stream_batches()

@@ -7,6 +7,7 @@ as ``int64`` tensors.
 """
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -193,34 +194,48 @@ def test_an_epoch_reads_no_token_and_a_batch_only_its_own(tmp_path, monkeypatch)
     monkeypatch.setattr(TokenFile, "read", lambda self, d, a, b: reads.append(b - a) or original(self, d, a, b))
     batches.set_epoch(2)
     source = batches._epoch_of(2)  # the whole epoch's layout
-    assert reads == [] and batches._source.tokens._map is None  # not a token read, the file not even mapped
+    assert reads == [] and batches._source.tokens._fd is None  # not a token read, the file not even opened
     assert source.layout.starts.nbytes <= 8 * (len(docs) + 1)  # the index: O(documents)
     iterator = iter(batches)
     x, y, _ = next(iterator)
     assert sum(reads) == 8 * (16 + 1)  # one batch: its rows' steps and the one target step after them
     reads.clear()
-    releases = []
-    monkeypatch.setattr(TokenFile, "release", lambda self: releases.append(1))
+    checks = []
+    monkeypatch.setattr(TokenFile, "check", lambda self: checks.append(1))
     rest = list(iterator)
     assert sum(reads) == sum(8 * (b[0].shape[0] + 1) for b in rest)
-    assert len(releases) == len(rest)  # the map's pages let go after every batch
+    assert len(checks) == len(rest)  # the file checked after every batch
 
 
-def test_release_unmaps_what_reads_mapped(tmp_path):
-    docs = token_documents([1 << 20])
-    path, _ = write(tmp_path, docs, "uint16")
-    tokens = TokenFile(path, "uint16")
-    tokens.release()  # nothing mapped yet: nothing to do
-    assert tokens.read(0, 5, 9).tolist() == docs[0][5:9].tolist()
-    tokens.release()
-    assert tokens.read(0, 1000, 1003).tolist() == docs[0][1000:1003].tolist()  # mapped again on the next read
+@pytest.mark.parametrize("change", ["truncated", "rewritten at the same size", "replaced"])
+def test_a_token_file_changed_under_the_job_is_a_clear_error(tmp_path, change):
+    # Read through a memory map, a truncated file killed the process with SIGBUS and a rewritten one trained on
+    # its new contents; read with pread, both are a ValueError before the batch trains.
+    docs = token_documents([400, 300])
+    path, offsets = write(tmp_path, docs, "uint16")
+    batches = StreamBatches.from_file(path, 2, 10, dtype="uint16", offsets=offsets)
+    iterator = iter(batches)
+    next(iterator)
+    if change == "truncated":
+        os.truncate(path, 100)
+    elif change == "replaced":  # a new file renamed over it: the open one is still whole, and still read
+        write(tmp_path, token_documents([400, 300], seed=1), "uint16", name="new.bin")[0].replace(path)
+    else:
+        write(tmp_path, token_documents([400, 300], seed=1), "uint16")
+    if change == "replaced":
+        assert_same_batches([next(iterator)], list(in_memory(docs, 2, 10))[1:2])
+    else:
+        with pytest.raises(ValueError, match="changed under the running job"):
+            next(iterator)
+    with pytest.raises(ValueError, match="changed under the running job"):
+        next(iter(pickle.loads(pickle.dumps(batches))))  # a copy opens the file anew and checks it too
 
 
-def test_a_copy_maps_the_file_anew_rather_than_carrying_its_tokens(tmp_path):
+def test_a_copy_opens_the_file_anew_rather_than_carrying_its_tokens(tmp_path):
     docs = token_documents([5000, 7000])
     path, offsets = write(tmp_path, docs, "uint16")
     batches = StreamBatches.from_file(path, 4, 10, dtype="uint16", offsets=offsets)
-    next(iter(batches))  # the map is open
+    next(iter(batches))  # the file is open
     saved = pickle.dumps(batches)
     assert len(saved) < 10_000  # not the 24,000 bytes of tokens
     assert_same_batches(pickle.loads(saved), batches)

@@ -91,7 +91,7 @@ def test_an_epoch_length_shorter_than_the_stream_is_refused_at_the_second_epoch(
     trainer = _trainer(model)
     with pytest.raises(ValueError, match=r"the epoch's first batch starts at step 24 .*epoch_length"):
         trainer.run(batches, max_epochs=2, epoch_length=4)
-    assert trainer.state.iteration == 5  # the second epoch's first batch, refused before any update
+    assert trainer.state.iteration == 4  # the second epoch's first batch, refused before any update, is not counted
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from ignite_tbptt.schedule import Chunk, check_steps, later_window_starts, plan_chunks, segment_spans
+from ignite_tbptt.schedule import (
+    ARTBP, Chunk, Reach, check_steps, later_window_starts, plan_batch, plan_chunks, segment_spans,
+)
 
 
 def test_spec_example_table():
@@ -73,3 +75,14 @@ def test_check_steps():
 
 def test_chunk_length():
     assert Chunk(0, 4, 9, 2).length == 5
+
+
+def test_a_batch_plan_carries_what_the_next_batch_plan_starts_from():
+    fixed = plan_batch(7, 3, 2, 5, stream=True)
+    assert (fixed.k2, fixed.truncations, fixed.reach) == (5, None, None)
+    assert [c.window_start for c in fixed.chunks] == [0, 2, 4, 6]
+    assert [fixed.later_of(c) for c in fixed.chunks] == [[2, 4], [4, 6], [6, 7], [7, 9]]  # 7, 9: the next batch's
+    random = plan_batch(7, 0, 2, ARTBP(0.5, seed=3), stream=True)
+    assert random.k2 is None and random.truncations is not None and random.reach is None
+    per_batch = plan_batch(8, 8, 2, Reach(overlap=1, next_overlap=5, floor=7), stream=True)
+    assert per_batch.k2 == 3 and per_batch.reach == Reach(5, 5, 11) and per_batch.truncations is None
