@@ -35,9 +35,10 @@ build = load_build()
 
 
 def kernel_did_not_start(error: BaseException) -> bool:
-    """nbclient's failures of a kernel that did not start in time (a loaded machine), as opposed to a cell's."""
+    """nbclient's failures of a kernel that did not start in time (a loaded machine), as opposed to a cell's
+    (an error or a timeout in a cell, which are ``CellControlSignal``\ s)."""
     return isinstance(error, (RuntimeError, TimeoutError, AssertionError)) and not isinstance(
-        error, nbclient.exceptions.CellExecutionError
+        error, nbclient.exceptions.CellControlSignal
     )
 
 
@@ -50,8 +51,8 @@ def test_notebook_runs_fresh(path, tmp_path, monkeypatch):
     for attempt in (1, 2):  # a kernel that fails to start is retried once; a failing cell fails at once
         nb = nbformat.read(path, as_version=4)
         client = nbclient.NotebookClient(
-            nb, km=build.kernel_manager(tmp_path / f"kernel{attempt}"), kernel_name="python3", timeout=build.CELL_TIMEOUT_S,
-            startup_timeout=build.STARTUP_TIMEOUT_S, resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+            nb, km=build.kernel_manager(tmp_path / f"kernel{attempt}"), kernel_name="python3",
+            timeout=build.CELL_TIMEOUT_S, startup_timeout=build.STARTUP_TIMEOUT_S, resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
         )
         try:
             client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
@@ -64,6 +65,7 @@ def test_notebook_runs_fresh(path, tmp_path, monkeypatch):
 def test_a_failing_cell_is_not_taken_for_a_kernel_start():
     cell_error = nbclient.exceptions.CellExecutionError("traceback", "ZeroDivisionError", "division by zero")
     assert not kernel_did_not_start(cell_error)
+    assert not kernel_did_not_start(nbclient.exceptions.CellTimeoutError("a cell ran past its timeout"))
     assert kernel_did_not_start(AssertionError("assert self.kc is not None"))
 
 
