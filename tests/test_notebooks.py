@@ -7,6 +7,7 @@ The runs are marked ``notebooks`` (about a minute each on 2 CPU cores); deselect
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,14 @@ def test_notebook_runs_fresh(path, tmp_path, monkeypatch):
         except Exception as error:
             if attempt == 2 or not kernel_did_not_start(error):
                 raise
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_imports_only_the_package_and_its_folder(path):
+    """The runs above put the repository root on the path, which makes ``tests`` importable; a reader's Jupyter,
+    with only the package installed, does not: no cell may import from the tests (or the benchmarks)."""
+    code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    assert not re.search(r"^\s*(from|import)\s+(tests|benchmarks)\b", code, re.M), f"{path.name} imports from tests/"
 
 
 def test_a_failing_cell_is_not_taken_for_a_kernel_start():
