@@ -707,6 +707,10 @@ def train(local_rank: int, args: argparse.Namespace, corpus: Union[Corpus, FileC
                 say("loss curve: not written, matplotlib is not installed")
 
     start = time.perf_counter()
+    # Ctrl-C gets one message, ours below: not Ignite's "Engine run is terminating due to exception: " line too.
+    # (Engine loggers are shared by class, so the filter goes when the run ends.)
+    not_on_ctrl_c = lambda record: sys.exc_info()[0] is not KeyboardInterrupt  # noqa: E731
+    trainer.logger.addFilter(not_on_ctrl_c)
     try:
         trainer.run(batches, max_epochs=args.epochs)
     except KeyboardInterrupt:
@@ -717,6 +721,8 @@ def train(local_rank: int, args: argparse.Namespace, corpus: Union[Corpus, FileC
         if paths is not None:
             raise Interrupted(f"{paths.latest} holds the last completed epoch; continue with --resume {paths.latest}") from None
         raise Interrupted("nothing saved (no --save)") from None
+    finally:
+        trainer.logger.removeFilter(not_on_ctrl_c)
     elapsed = time.perf_counter() - start
     tokens = (trainer.state.iteration - done) * batches.steps * args.batch_size / len(batches)
     say(
