@@ -14,11 +14,12 @@ from torch import nn
 from ignite_tbptt.amp import amp_context, device_type
 from ignite_tbptt.batches import batch_chunks, batch_size_of, chunk_sequence, split_batch
 from ignite_tbptt.carry import CarriedState, tbptt_engine
+from ignite_tbptt.checks import batch_axis_probe
 from ignite_tbptt.events import Tbptt_Events, fire, start_chunk, stop_requested
 from ignite_tbptt.handlers import ChunkUpdated
 from ignite_tbptt.schedule import batch_plan, check_steps
 from ignite_tbptt.sequences import masked_pair
-from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
+from ignite_tbptt.state import DEFAULT_BATCH_DIM, BatchDims, ResetFn, StateProtocol
 from ignite_tbptt.window import RecomputeWindow, default_model_fn, detached
 
 __all__ = ["create_supervised_tbptt_evaluator", "supervised_tbptt_evaluation_step"]
@@ -39,7 +40,7 @@ def supervised_tbptt_evaluation_step(
     output_transform: Callable = _default_eval_output_transform,
     carry_state: bool = False,
     amp_mode: Optional[str] = None,
-    hidden_batch_dim: BatchDims = -2,
+    hidden_batch_dim: BatchDims = DEFAULT_BATCH_DIM,
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
 ) -> Callable[[Engine, Any], Any]:
@@ -78,7 +79,8 @@ def supervised_tbptt_evaluation_step(
                     with autocast():
                         y_pred = window.forward(chunk, later, x_t, gates)
                     if done == 0 and info is not None and info.gated:
-                        state.check(window.hidden, batch_size_of(x_t, dim))
+                        probe = lambda: batch_axis_probe(model, model_fn, x_t, dim)  # noqa: E731
+                        state.check(window.hidden, batch_size_of(x_t, dim), probe)
                     y_pred, y_t = masked_pair(y_pred, y_t, valid, dim)
                     engine.state.output = output_transform(x_t, y_t, y_pred)
                     fire(engine, Tbptt_Events.TIME_ITERATION_COMPLETED)
@@ -105,7 +107,7 @@ def create_supervised_tbptt_evaluator(
     output_transform: Callable = _default_eval_output_transform,
     carry_state: bool = False,
     amp_mode: Optional[str] = None,
-    hidden_batch_dim: BatchDims = -2,
+    hidden_batch_dim: BatchDims = DEFAULT_BATCH_DIM,
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
 ) -> Engine:

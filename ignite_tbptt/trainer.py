@@ -16,7 +16,7 @@ from torch import nn
 from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2, check_window_kind
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
 from ignite_tbptt.batches import NothingToTrain, batch_chunks, batch_size_of, checked_loss, chunk_sequence, split_batch
-from ignite_tbptt.checks import check_state_passing
+from ignite_tbptt.checks import batch_axis_probe, check_output_length, check_state_passing
 from ignite_tbptt.carry import (
     CHUNK_LENGTHS_KEY, TRUNCATION_DRAWS_KEY, CarriedState, DeterministicTbpttEngine, TbpttEngine, reset_state, tbptt_engine,
 )
@@ -27,7 +27,7 @@ from ignite_tbptt.schedule import (
 )
 from ignite_tbptt.lifecycle import options_of
 from ignite_tbptt.sequences import clear_padding, masked_pair
-from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol
+from ignite_tbptt.state import DEFAULT_BATCH_DIM, BatchDims, DetachedStateCheck, ResetFn, StateProtocol
 from ignite_tbptt.updates import (
     SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, AccumulationGroup, BurnInTally, all_finite, count_skipped_updates, count_window_lengths,
     scaled_learning_rate, scaler_step,
@@ -84,7 +84,7 @@ def supervised_tbptt_training_step(
     scaler: Union[bool, "torch.amp.GradScaler"] = False,
     gradient_accumulation_steps: int = 1,
     clip_grad_norm: Optional[float] = None,
-    hidden_batch_dim: BatchDims = -2,
+    hidden_batch_dim: BatchDims = DEFAULT_BATCH_DIM,
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
     check_state: bool = False,
@@ -262,8 +262,12 @@ def supervised_tbptt_training_step(
             y_pred = window.forward(chunk, later, x_t, gates)
             if recompute and window.merge_calls != getattr(engine.state, MERGE_CALLS_ATTR, None):
                 report_merge(engine)
+            check_output_length(y_pred, x_t, dim)
+            # The kept state tells only where this chunk computed it with a graph (recompute may keep an older one).
+            stale = any(g.frozen for g in gates) or getattr(window, "state_at", chunk.stop) <= chunk.start
+            detached_state(window.hidden, stale)
             if check_axes:
-                state.check(window.hidden, batch_size_of(x_t, dim))
+                state.check(window.hidden, batch_size_of(x_t, dim), lambda: batch_axis_probe(model, model_fn, x_t, dim))
             loss = checked_loss(loss_fn(*masked_pair(y_pred, y_t, valid, dim))) if weight else None
         backward(loss, weight, chunk.length)
         if monitor_state_grads:
@@ -280,6 +284,7 @@ def supervised_tbptt_training_step(
         return detached(y_pred) if keep_predictions else None, engine.state.output, weight
 
     unchecked = check_state  # the state-passing check runs on the first batch longer than one chunk
+    detached_state = DetachedStateCheck(artbp is not None or adaptive is not None or k2 > bptt)
     nothing = NothingToTrain()
     tally = BurnInTally(burn_in) if burn_in else None
 
@@ -402,7 +407,7 @@ def create_supervised_tbptt_trainer(
     scaler: Union[bool, "torch.amp.GradScaler"] = False,
     gradient_accumulation_steps: int = 1,
     clip_grad_norm: Optional[float] = None,
-    hidden_batch_dim: BatchDims = -2,
+    hidden_batch_dim: BatchDims = DEFAULT_BATCH_DIM,
     checkpoint_every: Optional[int] = None,
     skip_nonfinite: bool = False,
     check_state: bool = False,
@@ -488,7 +493,9 @@ def create_supervised_tbptt_trainer(
         hidden_batch_dim: the batch axis of the hidden-state tensors (``-2`` fits ``nn.RNN``/``GRU``/``LSTM``
             and the cells), used for per-sample resets, padding and burn-in: one int for every leaf, or a
             structure of ints matching the hidden state (``{"ssm": 0, "conv": 0}``). A batch with sequence
-            information checks it at its first chunk, before any update. See :mod:`ignite_tbptt.state`.
+            information checks it at its first chunk, before any update; where a leaf has the batch's size at
+            several axes, a probe that changes one sample's input finds which (or the check asks for it).
+            See :mod:`ignite_tbptt.state`.
         checkpoint_every: memory-efficient windows for very long ``k2``: run each window in segments of at
             most this many steps under activation checkpointing (Gruslys et al. 2016), keeping one state per
             segment and rebuilding a segment's activations during the backward pass. About ``sqrt(k2)``

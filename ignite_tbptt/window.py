@@ -25,14 +25,13 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from ignite.utils import apply_to_tensor
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from ignite_tbptt.schedule import Chunk, checkpoint_cuts, segment_spans
 from ignite_tbptt.sequences import Gate, GateTrack, run_gated
-from ignite_tbptt.state import StateProtocol, call_model_checked
+from ignite_tbptt.state import StateProtocol, call_model_checked, detach_state, map_tensors
 
 __all__ = ["default_model_fn", "RecomputeWindow", "RetainWindow"]
 
@@ -70,7 +69,7 @@ def cat_time(pieces: List[Any], dim: int) -> Any:
 
 def detached(value: Any) -> Any:
     """A state, inputs or parameters (any nesting of tensors, or ``None``) cut from their graph, for saving."""
-    return None if value is None else apply_to_tensor(value, torch.Tensor.detach)
+    return detach_state(value)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -99,7 +98,7 @@ def compensated(hidden: Any, factor: float) -> Any:
     if factor == 1.0 or hidden is None:
         return hidden
     scale = lambda t: _ScaleGrad.apply(t, factor) if t.requires_grad else t  # noqa: E731
-    return apply_to_tensor(hidden, scale)
+    return map_tensors(scale, hidden)
 
 
 def run_span(gates: GateTrack, forward: Callable, x: torch.Tensor, hidden: Any, start: int, checkpointed: bool) -> Any:
@@ -515,7 +514,10 @@ class RetainWindow:
         checkpoint_every: Optional[int] = None, monitor: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f'overlap="retain" needs an nn.Module model, got {type(model).__name__}')
+            raise TypeError(
+                f'overlap="retain" needs an nn.Module model, got {type(model).__name__}; overlap="recompute" runs any '
+                "callable"
+            )
         self.model, self.model_fn, self.detach, self.dim = model, model_fn, detach, dim
         self.checkpoint_every, self.monitor = checkpoint_every, monitor
         self.state_grad_norms: Optional[torch.Tensor] = None  # with monitor: the latest update's, newest first
@@ -525,6 +527,7 @@ class RetainWindow:
         # The parameters a retained graph saves on the state path, learnt from the first retained chunk that runs
         # from a state (None: not yet; clone them all). Under checkpointing all are cloned: re-runs read them all.
         self.saved_params: Optional[List[str]] = None
+        self.params_checked = False
         self.reset()
 
     def reset(self) -> None:
@@ -552,6 +555,9 @@ class RetainWindow:
             segments.append(segment)
             self.hidden = segment.h_out
         self.segments.extend(segments)
+        if retain and not self.params_checked:  # once, before the first update: the step would break the graph
+            _check_no_live_parameter_saved(self.call, segments)
+            self.params_checked = True
         # Learnt from a plain chunk: every segment runs from a state that takes a gradient, and no gate is in force.
         # A model run from no state saves less (no weight that only the state gradient needs), and so does one
         # whose state a gate cuts (burn-in), holds (padding) or runs without a graph: learnt there, the set would
@@ -689,6 +695,25 @@ class RetainWindow:
     def state_at_stop(self) -> Optional[Hidden]:
         """The state after the last step run forward, cut from its graph (``None`` on a fresh stream)."""
         return None if self.hidden is None else detached(self.hidden)
+
+
+def _check_no_live_parameter_saved(call: nn.Module, segments: List[_Segment]) -> None:
+    """A ``ValueError`` naming the parameters that the retained graphs saved themselves instead of their clones.
+
+    ``functional_call`` replaces a module's registered parameters only; a model that reads a parameter from
+    somewhere else (ncps' LTC keeps them in a plain dict as well) runs on the live tensor, which the graph then
+    saves, and the optimizer's in-place step would break at the next backward pass through it.
+    """
+    live = {p.untyped_storage().data_ptr(): name for name, p in call.named_parameters() if p.requires_grad}
+    saved = {v.untyped_storage().data_ptr() for seg in segments for _, v in saved_tensors(seg.out_leaves)}
+    names = sorted(live[ptr].split(".", 1)[1] for ptr in saved if ptr in live)  # without _ModelFnCall's "model."
+    if names:
+        raise ValueError(
+            f'overlap="retain" cannot train this model: its graph saved the live parameters {names}, not the copies '
+            "torch.func.functional_call puts in their place (the model reads them from somewhere other than its "
+            "registered attributes, as ncps' LTC does from a plain dict), so the optimizer step would change them "
+            'under the graphs a later window backpropagates through. overlap="recompute" trains it exactly'
+        )
 
 
 def _saved_clones(params: Params, segments: List[_Segment]) -> List[str]:

@@ -92,7 +92,54 @@ class RWKVStyle(nn.Module):
         return self.head(inp), torch.stack(new_states)
 
 
+class CacheList(nn.Module):
+    """mambapy's ``Mamba.step`` pattern: the state is a list with one cache ``(h, conv)`` per layer, and the model
+    writes each layer's new cache into the list it is given (``caches[i] = ...``). A fresh cache is ``(None,
+    zeros)``, as in mambapy: ``None`` until the layer's first step. With ``counter=True`` the state is a dict that
+    also keeps ``"step"``, each sample's step count ``(B,)`` as an integer tensor, which the output reads, and an
+    optional memory ``"memory"`` that stays ``None``. ``writes=False`` computes the same into a list of its own:
+    the references run that twin, since they keep the states they hand the model."""
+
+    batch_dims = 0
+
+    def __init__(self, n_in=2, d=3, layers=2, n_out=2, counter=False, writes=True):
+        super().__init__()
+        self.cells = nn.ModuleList(nn.Linear(2 * d, 2 * d) for _ in range(layers))
+        self.inp, self.head, self.d = nn.Linear(n_in, d), nn.Linear(d, n_out), d
+        self.counter, self.writes = counter, writes
+
+    def fresh(self, batch, like):
+        caches = [(None, like.new_zeros(batch, self.d)) for _ in self.cells]
+        if not self.counter:
+            return caches
+        return {"caches": caches, "step": torch.zeros(batch, dtype=torch.long, device=like.device), "memory": None}
+
+    def forward(self, x, hidden=None):
+        state = self.fresh(x.shape[1], x) if hidden is None else hidden
+        caches = state["caches"] if self.counter else state
+        caches = caches if self.writes else list(caches)
+        step = state["step"] if self.counter else None
+        outs = []
+        for x_t in x.unbind(0):
+            u = self.inp(x_t)
+            if step is not None:
+                u = u + torch.cos(0.3 * step.to(u.dtype)).unsqueeze(1)
+                step = step + 1
+            for i, cell in enumerate(self.cells):
+                h, conv = caches[i]
+                h = torch.zeros_like(u) if h is None else h
+                z, cand = cell(torch.cat([u, conv], 1)).chunk(2, 1)
+                h = torch.sigmoid(z) * h + torch.tanh(cand)
+                caches[i] = (h, u)  # written into the list it was given, as mambapy does
+                u = h
+            outs.append(self.head(u))
+        if self.counter:
+            return torch.stack(outs), {"caches": caches, "step": step, "memory": None}
+        return torch.stack(outs), caches
+
+
 def make_state_model(kind, seed=0, **kwargs):
     torch.manual_seed(seed)
-    models = {"mingru": MinGRU, "ssm": SelectiveSSM, "memory": MemoryBlock, "xlstm": XLSTMBlocks, "rwkv": RWKVStyle}
+    models = {"mingru": MinGRU, "ssm": SelectiveSSM, "memory": MemoryBlock, "xlstm": XLSTMBlocks, "rwkv": RWKVStyle,
+              "caches": CacheList}
     return models[kind](**kwargs).double()
