@@ -18,6 +18,7 @@ from torch import nn
 
 from ignite_tbptt.horizon import DEFAULT_MAX_LAG, GradientHorizon, gradient_horizon
 from ignite_tbptt.schedule import ARTBP, check_positive_int
+from ignite_tbptt.sequences import SequenceInfo
 
 __all__ = ["ADAPTIVE_K2_KEY", "AdaptiveK2", "check_window_kind"]
 
@@ -38,8 +39,8 @@ class AdaptiveK2:
     batch's ``x`` and ``y`` with :func:`~ignite_tbptt.horizon.gradient_horizon` over lags ``0..max_lag``, in
     train mode (``train_mode``), averaged over the batch's samples (and over ``batches`` consecutive batches),
     from the carried state where there is one, with the trainer's ``loss_fn``, ``model_fn``, ``dim``,
-    ``hidden_batch_dim`` and ``reset_hidden`` (the batch's resets, padding and burn-in are not passed to the
-    measurement by the trainer). Then
+    ``hidden_batch_dim`` and ``reset_hidden``, and the batch's resets, padding, masks and burn-in targets
+    (``horizon_marks``; the gradient's cut at the end of a burn-in is not applied). Then
 
         ``K = clamp(horizon.suggest(delta), k_min, k_max)``,  the window ``k2 = k1 + K - 1``,
 
@@ -48,7 +49,7 @@ class AdaptiveK2:
     lie beyond ``max_lag``. A clamp warns with the ``K`` the estimate wanted, and where nothing can be estimated
     (no geometric decay, no gradient at the last step, non-finite norms, too few lags) ``K = k_max`` and a
     warning says why; each kind of warning is given once per trainer. A batch shorter than ``max_lag + 1``
-    steps is not measured on: the estimate waits for the next batch.
+    steps, or one where no sample's last target counts, is not measured on: the estimate waits for the next batch.
 
     The trainer deep-copies it (two trainers never share one); the copy's window and estimates are part of the
     trainer's ``state_dict()``, and ``engine.state.k2`` is the window of the current batch in steps. The window
@@ -151,15 +152,13 @@ class AdaptiveK2:
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, updates: int, **horizon_kwargs: Any
     ) -> Optional[int]:
         """Measure on ``(x, y)`` (:func:`~ignite_tbptt.horizon.gradient_horizon` with ``horizon_kwargs``), set and
-        return the new ``K``; ``None`` where the batch is too short to measure (the estimate stays due)."""
+        return the new ``K``; ``None`` where the batch is too short to measure or scores no target at its last
+        step (the estimate stays due)."""
         dim = horizon_kwargs.get("dim", 0)
-        if x.shape[dim] < self.max_lag + 1:
+        why = self._not_measurable(x, dim, horizon_kwargs.get("padding"), horizon_kwargs.get("mask"))
+        if why is not None:
             if self.K is None:
-                raise ValueError(
-                    f"AdaptiveK2: the first batch has {x.shape[dim]} time steps, and measuring lags 0..{self.max_lag} "
-                    f"needs max_lag + 1 = {self.max_lag + 1}; pass a smaller max_lag, or initial=K to train with until "
-                    "a batch long enough comes"
-                )
+                raise ValueError(f"AdaptiveK2: the first batch {why}")
             return None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NO_DECAY)  # said once, by choose()
@@ -174,6 +173,26 @@ class AdaptiveK2:
             self.last_at, self._pending = updates, []
         return self.K
 
+    def _not_measurable(
+        self, x: torch.Tensor, dim: int, padding: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+    ) -> Optional[str]:
+        """Why ``gradient_horizon`` cannot measure on this batch (and what to do at a first batch), or ``None``."""
+        if x.shape[dim] < self.max_lag + 1:
+            return (f"has {x.shape[dim]} time steps, and measuring lags 0..{self.max_lag} needs max_lag + 1 = "
+                    f"{self.max_lag + 1}; pass a smaller max_lag, or initial=K to train with until a batch long "
+                    "enough comes")
+        if padding is None and mask is None:
+            return None
+        # gradient_horizon measures the last step's loss: it raises where no sample's target there counts.
+        counted = torch.ones(x.shape[1 - dim], dtype=torch.bool)
+        for marks, counts in ((padding, False), (mask, True)):
+            if marks is not None:
+                counted &= marks.select(dim, -1).cpu() == counts
+        if not bool(counted.any()):
+            return ("scores no target at its last step (padding, masked or burn-in for every sample), where the "
+                    "gradient is measured; pass initial=K to train with until a batch that scores one there comes")
+        return None
+
     def state_dict(self) -> Dict[str, Any]:
         return {"K": self.K, "last_at": self.last_at, "history": list(self.history), "warned": list(self._warned),
                 "pending": [list(norms) for norms in self._pending]}
@@ -184,6 +203,26 @@ class AdaptiveK2:
         warned = saved.get("warned", [])
         self._warned = ["unmeasurable"] if warned is True else list(warned or [])  # a bool in earlier checkpoints
         self._pending = [list(norms) for norms in saved.get("pending", [])]
+
+
+def horizon_marks(info: Optional[SequenceInfo], dim: int) -> Dict[str, Optional[torch.Tensor]]:
+    """A batch's sequence information as :func:`~ignite_tbptt.horizon.gradient_horizon`'s ``resets``, ``padding``
+    and ``mask``, in the layout of ``x``'s first two axes (``info`` is time-major; ``dim=1``: batch-first).
+
+    The trainer holds a sample's state over every step that is not valid, padding from ``"lengths"`` and masked
+    steps from ``"mask"`` alike: both are ``padding`` to the measurement. Burn-in targets score nothing, so the
+    scored pairs are the ``mask``. The cut at a burn-in's end (the gradient held there, the state's value kept)
+    is left out: ``gradient_horizon`` can only start a state afresh, which would change the values after it.
+
+    >>> info = SequenceInfo(valid=torch.tensor([[True, True], [True, False]]), resets=None)
+    >>> horizon_marks(info, dim=1)["padding"].int().tolist()  # (B, T)
+    [[0, 0], [0, 1]]
+    """
+    if info is None:
+        return {}
+    layout = lambda t: t if t is None or dim == 0 else t.t()  # noqa: E731
+    padding = None if info.valid is None else ~info.valid
+    return {"resets": layout(info.resets), "padding": layout(padding), "mask": layout(info.scored)}
 
 
 def check_window_kind(k2: Any) -> None:

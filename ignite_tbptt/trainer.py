@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events, _prepare_batch
 from torch import nn
 
-from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2, check_window_kind
+from ignite_tbptt.adaptive import ADAPTIVE_K2_KEY, AdaptiveK2, check_window_kind, horizon_marks
 from ignite_tbptt.amp import amp_context, device_type, grad_scaler
 from ignite_tbptt.batches import NothingToTrain, batch_chunks, batch_size_of, checked_loss, chunk_sequence, split_batch
 from ignite_tbptt.checks import batch_axis_probe, check_output_length, check_state_passing
@@ -26,7 +26,7 @@ from ignite_tbptt.schedule import (
     ARTBP, BatchPlan, Chunk, RandomLength, Reach, Steps, Window, bptt_of, check_positive_int, check_steps, plan_batch,
 )
 from ignite_tbptt.lifecycle import options_of
-from ignite_tbptt.sequences import clear_padding, masked_pair
+from ignite_tbptt.sequences import SequenceInfo, clear_padding, masked_pair
 from ignite_tbptt.state import DEFAULT_BATCH_DIM, BatchDims, DetachedStateCheck, ResetFn, StateProtocol
 from ignite_tbptt.updates import (
     SKIPPED_UPDATES_ATTR, WINDOW_LENGTHS_ATTR, AccumulationGroup, BurnInTally, all_finite, count_skipped_updates, count_window_lengths,
@@ -288,7 +288,7 @@ def supervised_tbptt_training_step(
     nothing = NothingToTrain()
     tally = BurnInTally(burn_in) if burn_in else None
 
-    def adapted_reach(engine: Engine, x: Any, y: Any, offset: int) -> Reach:
+    def adapted_reach(engine: Engine, x: Any, y: Any, info: Optional[SequenceInfo], offset: int) -> Reach:
         """Re-estimate ``K`` where due, on this batch from the carried state; the reach of this batch's windows.
 
         The new ``K`` sets the next batch's windows, which this batch's plan provides for; this batch keeps the
@@ -297,17 +297,20 @@ def supervised_tbptt_training_step(
         updates = getattr(engine.state, TIME_ITERATION_ATTR, 0)
         if adaptive.due(updates):
             x_t, y_t = prepare_batch((x, y), device=device, non_blocking=non_blocking)
+            # Measured as it is trained on: padding cleared, resets made, unscored targets left out.
+            x_t = clear_padding(x_t, info, slice(0, x_t.shape[dim]), dim)
             hidden = stream.window.state_at_stop() if offset else None
             adaptive.estimate(model, x_t, y_t, loss_fn, updates, tbtt_step=bptt, model_fn=model_fn, dim=dim,
-                              hidden_batch_dim=hidden_batch_dim, hidden=hidden, reset_hidden=reset_hidden)
+                              hidden_batch_dim=hidden_batch_dim, hidden=hidden, reset_hidden=reset_hidden,
+                              **horizon_marks(info, dim))
         overlap = adaptive.K - 1
         provided = stream.reach if offset else None
         return Reach(overlap, overlap) if provided is None else provided._replace(next_overlap=overlap)
 
-    def plan_of(engine: Engine, x: Any, y: Any, length: int, offset: int) -> BatchPlan:
+    def plan_of(engine: Engine, x: Any, y: Any, info: Optional[SequenceInfo], length: int, offset: int) -> BatchPlan:
         """The batch's plan; what it leaves the next batch's plan is kept in the stream, its window in steps in
         ``engine.state.k2``."""
-        window = (artbp or k2) if adaptive is None else adapted_reach(engine, x, y, offset)
+        window = (artbp or k2) if adaptive is None else adapted_reach(engine, x, y, info, offset)
         plan = plan_batch(length, offset, lengths or tbtt_step, window, stream.carry, stream.truncations)
         stream.truncations, stream.reach = plan.truncations, plan.reach
         setattr(engine.state, K2_ATTR, plan.k2)
@@ -360,7 +363,7 @@ def supervised_tbptt_training_step(
         check_state_once(x, y, length)
         offset = stream.begin_batch(x, dim, info.position if info is not None else None)
         info = stream.mark_burn_in(info, length)
-        plan = plan_of(engine, x, y, length, offset)
+        plan = plan_of(engine, x, y, info, length, offset)
         model.train()
         total, total_weight, predictions = run_plan(engine, plan, x, y, info, offset, length)
         nothing.check(x, info, dim, engine.state.iteration)

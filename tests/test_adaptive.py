@@ -399,3 +399,93 @@ def test_the_monitor_changes_nothing(k2):
     for a, b in zip(plain["params"], monitored["params"]):
         assert all(torch.equal(a[n], b[n]) for n in a)
     assert trainer.state.state_grad_norms.dim() == 1
+
+
+# ---- the estimate sees the batch's resets, padding, masks and burn-in -----------------------------------------------
+
+SEQ_DELTA, SEQ_LAG, SEQ_T = 0.05, 12, 20  # one batch of 20 steps, lags 0..12: the estimate runs before any update
+
+
+def first_estimate(batch, dim=0, **options):
+    """The trainer's ``AdaptiveK2`` after its first estimate, on ``batch`` (at the initial parameters)."""
+    model = make_model("LSTM", batch_first=dim == 1)
+    trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.MSELoss(), K1,
+                                              k2=AdaptiveK2(SEQ_DELTA, k_max=50, max_lag=SEQ_LAG), dim=dim, **options)
+    trainer.run([batch])
+    return trainer.adaptive_k2
+
+
+def measured(x, y, dim=0, max_lag=SEQ_LAG, **marks):
+    """``gradient_horizon`` called directly, on the same initial model, with the trainer's options."""
+    model = make_model("LSTM", batch_first=dim == 1)
+    return gradient_horizon(model, x, y, nn.MSELoss(), max_lag=max_lag, tbtt_step=K1, dim=dim, **marks)
+
+
+def assert_estimated_as(adaptive, horizon):
+    torch.testing.assert_close(adaptive.horizon.norms, horizon.norms, rtol=0, atol=1e-12)
+    assert adaptive.K == horizon.suggest(SEQ_DELTA)
+
+
+@pytest.mark.parametrize("dim", [0, 1], ids=["time-first", "batch-first"])
+def test_a_batch_whose_rows_all_reset_is_measured_from_the_resets(dim):
+    """The issue's case: every row starts a new document 6 steps before the end. Lags 5.. reach the states from
+    before the reset and count 0, lags 0..4 are the new documents' own: K is 5, the whole of them, not the 10 of
+    the lags measured across the reset."""
+    x, y = make_data(SEQ_T, batch_first=dim == 1)
+    resets = torch.zeros(SEQ_T, 3, dtype=torch.bool)
+    resets[SEQ_T - 6] = True
+    resets = resets if dim == 0 else resets.t()
+    adaptive = first_estimate((x, y, {"resets": resets}), dim)
+    honest = measured(x, y, dim, resets=resets)
+    assert_estimated_as(adaptive, honest)
+    pieces = [t.narrow(dim, SEQ_T - 6, 6) for t in (x, y)]  # the documents after the reset, measured alone
+    torch.testing.assert_close(honest.norms[:5], measured(*pieces, dim, max_lag=5).norms[:5], rtol=0, atol=1e-12)
+    assert (honest.norms[5:] == 0).all()
+    assert (adaptive.K, measured(x, y, dim).suggest(SEQ_DELTA)) == (5, 10)
+
+
+@pytest.mark.parametrize("key", ["lengths", "mask"])
+def test_padded_samples_are_left_out_of_the_estimate(key):
+    """Sample 1 ends at step 15, and its padding is NaN (a float series padded with ``padding_value=nan``): the
+    estimate is the other two samples' alone, not the ``k_max`` of non-finite norms. A ``"mask"`` holds the state
+    as ``"lengths"`` does, so both are padding to the measurement."""
+    x, y = make_data(SEQ_T)
+    x[15:, 1], y[15:, 1] = float("nan"), float("nan")
+    lengths = torch.tensor([SEQ_T, 15, SEQ_T])
+    valid = torch.arange(SEQ_T).unsqueeze(1) < lengths
+    adaptive = first_estimate((x, y, {"lengths": lengths} if key == "lengths" else {"mask": valid}))
+    full = [0, 2]
+    assert_estimated_as(adaptive, measured(x[:, full], y[:, full]))
+    assert adaptive.K < adaptive.k_max
+    assert not torch.isfinite(measured(x, y).norms).all()  # what the padded sample did to the estimate before
+
+
+def test_burn_in_targets_are_left_out_of_the_estimate():
+    """burn_in=3: sample 0 starts afresh 2 steps before the end and is still warming up at the last step, so its
+    target there scores nothing and it is left out; the others' resets are made. (The cut at a burn-in's end is
+    not applied: sample 2's lags 3..5 count, though the trainer's gradient stops 3 steps after its reset.)"""
+    x, y = make_data(SEQ_T)
+    resets = torch.zeros(SEQ_T, 3, dtype=torch.bool)
+    resets[SEQ_T - 2, 0] = resets[SEQ_T - 6, 2] = True
+    adaptive = first_estimate((x, y, {"resets": resets}), burn_in=3)
+    scored = torch.ones(SEQ_T, 3, dtype=torch.bool)
+    scored[:3] = False  # the stream's own burn-in
+    scored[SEQ_T - 2:, 0] = scored[SEQ_T - 6:SEQ_T - 3, 2] = False
+    assert_estimated_as(adaptive, measured(x, y, resets=resets, mask=scored))
+    torch.testing.assert_close(adaptive.horizon.norms, measured(x[:, 1:], y[:, 1:], resets=resets[:, 1:]).norms,
+                               rtol=0, atol=1e-12)
+
+
+def test_a_batch_without_a_scored_last_step_waits():
+    """No sample's target counts at the last step: gradient_horizon could measure nothing. At the first batch the
+    error says why; later, the estimate waits for a batch that scores one there."""
+    x, y = make_data(SEQ_T)
+    lengths = torch.tensor([SEQ_T - 1, 15, 12])
+    with pytest.raises(ValueError, match=r"the first batch scores no target at its last step .* pass initial=K"):
+        first_estimate((x, y, {"lengths": lengths}))
+    model = make_model("LSTM")
+    adaptive = AdaptiveK2(SEQ_DELTA, every=1, max_lag=SEQ_LAG, initial=4)
+    trainer = create_supervised_tbptt_trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.MSELoss(), K1,
+                                              k2=adaptive)
+    trainer.run([(x, y), (x, y, {"lengths": lengths}), (x, y)])  # 7 updates a batch; due from the second batch on
+    assert [u for u, _, _ in trainer.adaptive_k2.history] == [14]  # not at the second batch: at the third
