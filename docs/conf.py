@@ -40,6 +40,9 @@ templates_path = ["_templates"]  # class and module pages: the autodoc entries, 
 autosummary_ignore_module_all = False  # a module's page lists its __all__, the names it makes public
 autodoc_default_options = {"members": True, "show-inheritance": False}
 autodoc_typehints = "signature"
+autodoc_typehints_format = "short"  # Module, Callable: not ~torch.nn.modules.module.Module
+python_use_unqualified_type_names = True
+autodoc_preserve_defaults = True  # a default as written (prepare_batch=_prepare_batch), not <function ...>
 autodoc_member_order = "bysource"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False

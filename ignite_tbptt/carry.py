@@ -370,6 +370,9 @@ class _DrawnBatchSampler(ReproducibleBatchSampler):
 def reset_state(engine: Engine) -> None:
     """Handler that makes the trainer's next batch start a fresh stream (no carried state or window).
 
+    Args:
+        engine: a trainer or evaluator made with ``carry_state=True``.
+
     Example:
         >>> import torch
         >>> from ignite.engine import Events

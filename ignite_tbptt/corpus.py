@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 import numpy as np
 import torch
 
-__all__ = ["DTYPES", "PreparedCorpus", "TokenFile", "prepare_corpus", "read_corpus"]
+__all__ = ["DTYPES", "PreparedCorpus", "TokenFile", "prepare_corpus", "read_corpus", "read_text_file"]
 
 DTYPES = {"uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16), "int32": np.dtype(np.int32)}
 CHUNK_TOKENS = 1 << 20  # tokens per read when a whole file is scanned: scans run at constant memory
@@ -270,14 +270,55 @@ class PreparedCorpus(NamedTuple):
         return self.directory / "offsets.npy"
 
 
+def _not_utf8(path: PathLike, error: UnicodeDecodeError) -> ValueError:
+    bad = error.object[error.start : error.start + 1]
+    return ValueError(f"{os.fspath(path)} is not UTF-8 text ({error.reason}: byte {bad!r}); convert it to UTF-8 first")
+
+
+def _check_text_file(path: PathLike) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{os.fspath(path)} is a directory, not a text file")
+    if not os.path.isfile(path):
+        raise ValueError(f"no such text file: {os.fspath(path)}")
+
+
+def read_text_file(path: PathLike) -> str:
+    """The text of a UTF-8 file, or a ``ValueError`` that names the file: missing, a directory, or not UTF-8.
+
+    A byte that is not UTF-8 is refused rather than replaced by ``'\\ufffd'``: the model would learn a character
+    that the text does not have, and scoring the same file would disagree with training on it.
+
+    Args:
+        path: the file.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "latin1.txt")
+        >>> _ = open(path, "wb").write("cafés".encode("latin-1"))
+        >>> read_text_file(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../latin1.txt is not UTF-8 text (invalid continuation byte: byte b'\\xe9'); convert it to UTF-8 first
+    """
+    _check_text_file(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+
+
 def _text_chunks(item: Union[str, PathLike]) -> Iterator[str]:
-    """A document's text in chunks: a ``str`` is the text itself, a path-like its file (UTF-8, as the demo reads)."""
+    """A document's text in chunks: a ``str`` is the text itself, a path-like its UTF-8 file (as the demo reads)."""
     if isinstance(item, str):
         yield item
         return
-    with open(item, encoding="utf-8", errors="replace") as f:
+    with open(item, encoding="utf-8") as f:
         while True:
-            chunk = f.read(CHUNK_CHARS)
+            try:
+                chunk = f.read(CHUNK_CHARS)
+            except UnicodeDecodeError as e:
+                raise _not_utf8(item, e) from None
             if not chunk:
                 return
             yield chunk
@@ -295,6 +336,10 @@ def prepare_corpus(texts_or_paths: Sequence[Union[str, PathLike]], out_dir: Path
     set of characters, as in :func:`ignite_tbptt.demo.encode`; the token ids are stored in the smallest dtype
     that holds them. Files are read twice, in chunks (vocabulary, then ids): memory does not grow with them.
 
+    Args:
+        texts_or_paths: the documents, in order: texts (``str``) and paths of UTF-8 files.
+        out_dir: the directory to write (created if missing); files of the same names in it are replaced.
+
     Example:
         >>> import tempfile
         >>> corpus = prepare_corpus(["abba", "cab"], tempfile.mkdtemp())
@@ -308,8 +353,8 @@ def prepare_corpus(texts_or_paths: Sequence[Union[str, PathLike]], out_dir: Path
     if len(texts_or_paths) == 0:
         raise ValueError("texts_or_paths is empty: give at least one document")
     for item in texts_or_paths:
-        if isinstance(item, os.PathLike) and not os.path.isfile(item):
-            raise ValueError(f"no such text file: {os.fspath(item)}")
+        if isinstance(item, os.PathLike):
+            _check_text_file(item)
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(f"a document must be a str (its text) or a path, got {type(item).__name__}")
     chars: set = set()
@@ -343,7 +388,11 @@ def prepare_corpus(texts_or_paths: Sequence[Union[str, PathLike]], out_dir: Path
 
 
 def read_corpus(directory: PathLike) -> PreparedCorpus:
-    """What a prepared corpus directory holds, from its ``vocab.json``; the files' presence is checked.
+    """What a prepared corpus directory holds, from its ``vocab.json``; the files are checked to be there and to
+    agree with it (the token count and the document count), so that a truncated or mixed corpus is refused.
+
+    Args:
+        directory: a directory written by :func:`prepare_corpus`.
 
     >>> import tempfile
     >>> read_corpus(prepare_corpus(["abba", "cab"], tempfile.mkdtemp()).directory).vocab
@@ -361,5 +410,26 @@ def read_corpus(directory: PathLike) -> PreparedCorpus:
         raise ValueError(f"{directory / 'vocab.json'} is not a corpus vocabulary: {e!r}") from None
     if not isinstance(vocab, list) or not all(isinstance(c, str) for c in vocab) or len(vocab) != meta.get("vocab_size"):
         raise ValueError(f"{directory / 'vocab.json'}: 'vocab' must be a list of vocab_size characters")
-    check_dtype(dtype)
-    return PreparedCorpus(directory, vocab, dtype, int(tokens), int(documents))
+    prepared = PreparedCorpus(directory, vocab, check_dtype(dtype).name, int(tokens), int(documents))
+    _check_files_agree(prepared)
+    return prepared
+
+
+def _check_files_agree(corpus: PreparedCorpus) -> None:
+    """``tokens.bin`` and ``offsets.npy`` hold what ``vocab.json`` says: a file from another corpus, or a truncated
+    one, is refused before any batch is read."""
+    itemsize = DTYPES[corpus.dtype].itemsize
+    size = os.path.getsize(corpus.tokens_path)
+    if size != corpus.tokens * itemsize:
+        held = f"{size // itemsize:,} {corpus.dtype} tokens" + (f" and {size % itemsize} byte(s)" if size % itemsize else "")
+        raise ValueError(
+            f"{corpus.directory} is not one corpus: tokens.bin holds {held}, vocab.json says {corpus.tokens:,} "
+            "(a truncated file, or files of different corpora; prepare it again)"
+        )
+    offsets = _load_offsets(corpus.offsets_path)
+    if len(offsets) != corpus.documents:
+        raise ValueError(
+            f"{corpus.directory} is not one corpus: offsets.npy holds {len(offsets):,} document starts, vocab.json says "
+            f"{corpus.documents:,} documents (files of different corpora; prepare it again)"
+        )
+    _check_offsets(offsets, corpus.tokens, os.fspath(corpus.tokens_path))

@@ -44,7 +44,12 @@ def supervised_tbptt_evaluation_step(
     burn_in: int = 0,
     reset_hidden: Optional[ResetFn] = None,
 ) -> Callable[[Engine, Any], Any]:
-    """The process function of :func:`create_supervised_tbptt_evaluator`; see it for the arguments.
+    """The process function of :func:`create_supervised_tbptt_evaluator`.
+
+    Args:
+        model, tbtt_step: as for :func:`create_supervised_tbptt_evaluator`, which documents each argument, and so
+            are ``dim``, ``device``, ``non_blocking``, ``prepare_batch``, ``model_fn``, ``output_transform``,
+            ``carry_state``, ``amp_mode``, ``hidden_batch_dim``, ``burn_in`` and ``reset_hidden``.
 
     Example:
         >>> model = torch.nn.GRU(1, 4)

@@ -30,13 +30,18 @@ class Tbptt_Events(EventEnum):
     ``Tbptt_Events`` are taken as ours (:func:`~ignite_tbptt.events.as_ours`).
     """
 
+    #: Fired at the start of every chunk, before its forward pass; ``engine.state.chunk`` is the chunk then.
     TBPTT_TIME_ITERATION_STARTED = "tbptt_time_iteration_started"
     #: Fired between a chunk's backward pass and its optimizer step, whenever the optimizer steps. The gradients
     #: are final then, unscaled under AMP and averaged across processes, so handlers can log or clip them.
     TBPTT_GRADIENTS_COMPUTED = "tbptt_gradients_computed"
+    #: Fired at the end of every chunk, after its update; ``engine.state.output`` is the chunk's loss then.
     TBPTT_TIME_ITERATION_COMPLETED = "tbptt_time_iteration_completed"
+    #: ``TBPTT_TIME_ITERATION_STARTED`` under Ignite's name, the one the examples use.
     TIME_ITERATION_STARTED = "tbptt_time_iteration_started"
+    #: ``TBPTT_GRADIENTS_COMPUTED`` under the short name.
     GRADIENTS_COMPUTED = "tbptt_gradients_computed"
+    #: ``TBPTT_TIME_ITERATION_COMPLETED`` under Ignite's name, the one the examples use.
     TIME_ITERATION_COMPLETED = "tbptt_time_iteration_completed"
 
 

@@ -128,6 +128,9 @@ class ChunkWise(MetricUsage):
     reports at the last chunk of each block, on ``Tbptt_Events.TIME_ITERATION_COMPLETED(every=N)``: a
     handler on that same event logs it, and the loss is read back to the host once per ``N`` chunks.
 
+    Args:
+        every: the chunks in each block the metric covers (1: every chunk on its own).
+
     Attributes:
         usage_name: ``"chunk_wise"``
 

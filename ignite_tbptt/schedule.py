@@ -37,10 +37,15 @@ class Chunk(NamedTuple):
     position multiplies the state gradient by it. It is 1.0 wherever nothing is compensated.
     """
 
+    #: The chunk's number in its batch, from 0.
     index: int
+    #: The stream position before the chunk's first step.
     start: int
+    #: The stream position of the chunk's last step; the chunk is ``(start, stop]``.
     stop: int
+    #: Where the chunk's backprop window starts; its loss is backpropagated through ``(window_start, stop]``.
     window_start: int
+    #: The state gradient's compensation at ``start`` (unbiased truncation); 1.0 where nothing is compensated.
     factor: float = 1.0
 
     @property
@@ -150,6 +155,14 @@ class RandomLength:
     "Random chunk lengths"). The draws follow ``seed`` and their state is part of the trainer's ``state_dict()``,
     so a resumed run draws the lengths the uninterrupted one would have. The trainer draws from its own copy.
 
+    Args:
+        bptt: the base length, in steps (>= ``min_length``).
+        p_full: the probability of drawing around ``bptt`` rather than ``bptt / 2``.
+        std: the standard deviation of the normal draw, in steps.
+        min_length: the shortest chunk, in steps.
+        max_length: the longest chunk, in steps (``None``: no bound).
+        seed: seeds the draws.
+
     >>> lengths = RandomLength(70, seed=1)
     >>> draws = [lengths.next() for _ in range(2000)]
     >>> 66 < sum(draws) / len(draws) < 70, min(draws) >= 5
@@ -233,6 +246,11 @@ class ARTBP:
     per boundary, and their state is part of the trainer's ``state_dict()``, so a resumed run truncates where the
     uninterrupted one would have. A fresh stream starts with a truncation; a per-sample reset stops that sample's
     gradient whatever is drawn (a truncation with probability 1), so nothing is compensated there.
+
+    Args:
+        p: the truncation probability in ``[0, 1)``, or a function of the window's length in chunks giving it.
+        cap: the most chunks one backward pass crosses (``None``: no cap).
+        seed: seeds the draws.
 
     >>> artbp = ARTBP(0.25, seed=1)
     >>> chunks = truncate(plan_chunks(40, 2, 2), artbp, None, stream=False)[0]

@@ -93,7 +93,15 @@ def supervised_tbptt_training_step(
     merge_calls: Optional[bool] = None,
     monitor_state_grads: bool = False,
 ) -> Callable[[Engine, Any], Any]:
-    """The update function of :func:`create_supervised_tbptt_trainer`; see it for the arguments.
+    """The update function of :func:`create_supervised_tbptt_trainer`.
+
+    Args:
+        model, optimizer, loss_fn: as for :func:`create_supervised_tbptt_trainer`, which documents each argument,
+            and so are ``tbtt_step``, ``k2``, ``overlap``, ``dim``, ``device``, ``non_blocking``,
+            ``prepare_batch``, ``model_fn``, ``output_transform``, ``carry_state``, ``amp_mode``, ``scaler``,
+            ``gradient_accumulation_steps``, ``clip_grad_norm``, ``hidden_batch_dim``, ``checkpoint_every``,
+            ``skip_nonfinite``, ``check_state``, ``burn_in``, ``reset_hidden``, ``merge_calls`` and
+            ``monitor_state_grads``.
 
     For every chunk of the batch it fires ``TIME_ITERATION_STARTED``, zeroes the gradients (at the start of
     each accumulation group), lets the window run forward, computes the chunk's loss over its valid steps,

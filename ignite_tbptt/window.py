@@ -147,7 +147,7 @@ class _Inputs:
         self.chunks = deque((a, b, x) for a, b, x in saved)
 
 
-#: The tolerance ``(rtol, atol)`` within which :func:`merging_changes_nothing` takes two runs as the same, per dtype:
+#: The tolerance ``(rtol, atol)`` within which ``merging_changes_nothing`` takes two runs as the same, per dtype:
 #: torch.testing's defaults, which a fused kernel run in one call or in several stays within.
 MERGE_TOLERANCE = {
     torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5), torch.float64: (1e-7, 1e-7),
@@ -161,8 +161,8 @@ def merging_changes_nothing(
     """Whether ``model`` gives the same outputs and final state run over ``merged`` spans as over ``spans``.
 
     ``run(spans)`` runs a window's steps in one call per span and returns the outputs and the last state (no
-    backward pass follows). Both runs go with dropout off (``eval()``, every module's mode restored after), once at the
-    current parameters and once at parameters moved by seeded noise (restored bit for bit after), so that a
+    backward pass follows). Both runs go with dropout off (``eval()``, every module's mode restored after), once
+    at the current parameters and once at parameters moved by seeded noise (restored bit for bit after), so that a
     model that is cut-dependent only once trained (a zero-initialised attention branch) shows it now. The runs
     agree when every leaf agrees within :data:`MERGE_TOLERANCE` of its dtype. A model with running statistics
     in training mode (batch norm) is cut-dependent whatever the runs say: in training it normalises over each
@@ -247,7 +247,7 @@ class RecomputeWindow:
             the calls the forward pass made (each chunk, cut where a later window starts). The same for a model
             whose output does not depend on where the stream is cut into calls (``nn.RNN``/``GRU``/``LSTM``), and
             faster for fused kernels at small ``k1``; a Transformer-XL memory would compute another forward pass.
-            ``False``: always the forward pass's calls. ``None``: find out with :func:`merging_changes_nothing` at
+            ``False``: always the forward pass's calls. ``None``: find out with ``merging_changes_nothing`` at
             the first window whose calls merging would change, and merge from then on if it changes nothing; the
             answer is then ``merge_calls``. It holds for the window's life: a model is cut-dependent or not
             whatever its mode or dtype.
@@ -336,7 +336,7 @@ class RecomputeWindow:
 
     def _runner(self, hidden: Optional[Hidden]) -> Callable[[List[Tuple[int, int]]], Tuple[Any, Hidden]]:
         """A function running the kept inputs over given spans from ``hidden``: the outputs over them and the last
-        state, cut from their graph (what :func:`merging_changes_nothing` compares).
+        state, cut from their graph (what ``merging_changes_nothing`` compares).
 
         It runs as the training forward pass does, gradients on and checkpointed where asked, so that a model
         whose kernel without gradients differs (SRU's takes float32 only) runs the code it trains with; the

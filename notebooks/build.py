@@ -28,6 +28,7 @@ from nbclient import NotebookClient
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CELL_TIMEOUT_S = 300
+STARTUP_TIMEOUT_S = 240  # a kernel starts in seconds; on a loaded machine (load 8 on 2 cores) it took over 60
 
 
 def cells_of(source: Path) -> list:
@@ -58,6 +59,7 @@ def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = CELL_TIMEOUT_S)
     try:
         with tempfile.TemporaryDirectory() as spec_dir:
             client = NotebookClient(nb, km=kernel_manager(Path(spec_dir)), timeout=timeout, kernel_name="python3",
+                                    startup_timeout=STARTUP_TIMEOUT_S,
                                     record_timing=False, resources={"metadata": {"path": str(cwd)}})
             client.execute()
     finally:

@@ -10,7 +10,7 @@
 # The trainer takes each as it is: `hidden_batch_dim` says where each leaf keeps the batch, `reset_hidden`
 # how a sample starts afresh, and nothing else changes. This notebook trains all four on one long-memory
 # stream task with the same TBPTT(k1, k2) settings, and shows their curves and what each costs per step.
-# The three non-LSTM models are the small reference models of `tests/state_models.py`, which the tests check
+# The three non-LSTM models are the small reference models of `notebooks/state_models.py`, which the tests check
 # against a float64 reference in both overlap modes.
 #
 # The task: a stream of random symbols from 4, fed one per step; the target at step `t` is the symbol seen
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ignite_tbptt import Tbptt_Events, check_state_passing, create_supervised_tbptt_trainer
-from tests.state_models import MemoryBlock, MinGRU, SelectiveSSM
+from state_models import MemoryBlock, MinGRU, SelectiveSSM  # notebooks/state_models.py, beside this notebook
 
 torch.set_num_threads(1)  # small models: one thread is fastest and makes the run repeatable
 SYMBOLS, DELAY, BATCH, SEQ, K1, K2, BATCHES = 4, 6, 32, 24, 4, 12, 50
