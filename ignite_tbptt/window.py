@@ -292,7 +292,7 @@ class RecomputeWindow:
         if chunk.factor != 1.0:
             self.factors[chunk.start] = chunk.factor
         # The kept state sits at this window's start: the previous update kept it at the first later window
-        # start, and the next chunk always starts where the schedule expected it.
+        # start, moved to the end of a call already made where the schedule's start fell inside one (_on_calls).
         hidden = None if self.hidden is None else self.detach(self.hidden)
         later_starts = self._on_calls(chunk, later_starts)
         next_start = later_starts[0] if later_starts else chunk.stop

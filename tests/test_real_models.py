@@ -114,10 +114,7 @@ MODELS = {
                        dict(dim=1, batch_dim=0, modes=("recompute", "retain"), detached=True, resets=False)),
     "CfC": ("ncps.torch", "ncps_torch", CfCNet, dict(batch_dim=0, modes=("recompute", "retain"))),
     "LTC": ("ncps.torch", "ncps_torch", LTCNet, dict(batch_dim=0, modes=("recompute",))),
-    # SRU's CPU kernel without gradients takes float32 only: in float64, recompute's check of merged calls (run
-    # without gradients) cannot run, so merge_calls is given
-    "SRU": ("sru", "sru", SRUNet, dict(batch_dim=-2, modes=("recompute", "retain"), float32_inference=True,
-                                       trainer=dict(merge_calls=False))),
+    "SRU": ("sru", "sru", SRUNet, dict(batch_dim=-2, modes=("recompute", "retain"), float32_inference=True)),
     "Mamba": ("mambapy.mamba", "mambapy_mamba", MambaNet, dict(batch_dim=0, modes=("recompute", "retain"))),
     "sLSTM": ("torchxlstm", "torchxlstm", SLSTMNet, dict(batch_dim=-2, modes=("recompute", "retain"))),
 }
@@ -144,10 +141,9 @@ def _time(t, name, a, b):
 
 def _trainer(name, model, k1, k2, overlap, lr=0.1, **kwargs):
     info = MODELS[name][3]
-    options = {**info.get("trainer", {}), **kwargs} if overlap == "recompute" else kwargs
     return create_supervised_tbptt_trainer(
         model, torch.optim.SGD(model.parameters(), lr=lr), nn.MSELoss(), tbtt_step=k1, k2=k2, overlap=overlap,
-        dim=info.get("dim", 0), hidden_batch_dim=info["batch_dim"], **options)
+        dim=info.get("dim", 0), hidden_batch_dim=info["batch_dim"], **kwargs)
 
 
 def _params(model):
