@@ -19,8 +19,8 @@ from ignite_tbptt.events import Tbptt_Events, fire, start_chunk, stop_requested
 from ignite_tbptt.handlers import ChunkUpdated
 from ignite_tbptt.schedule import batch_plan, check_steps
 from ignite_tbptt.sequences import masked_pair
-from ignite_tbptt.state import DEFAULT_BATCH_DIM, BatchDims, ResetFn, StateProtocol
-from ignite_tbptt.window import RecomputeWindow, default_model_fn, detached
+from ignite_tbptt.state import DEFAULT_BATCH_DIM, BatchDims, ResetFn, StateProtocol, detach_state
+from ignite_tbptt.window import RecomputeWindow, default_model_fn
 
 __all__ = ["create_supervised_tbptt_evaluator", "supervised_tbptt_evaluation_step"]
 
@@ -58,7 +58,7 @@ def supervised_tbptt_evaluation_step(
     check_steps(tbtt_step, tbtt_step)
     autocast = amp_context(amp_mode, device_type(device, model))
     state = StateProtocol(hidden_batch_dim, reset_hidden)
-    window = RecomputeWindow(model, model_fn, detached, dim, state)
+    window = RecomputeWindow(model, model_fn, detach_state, dim, state)
     stream = CarriedState(window, carry_state, burn_in)
 
     def evaluate(engine: Engine, batch: Any) -> Any:

@@ -20,8 +20,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ignite_tbptt.batches import batch_size_of
 from ignite_tbptt.sequences import masked_pair
-from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol, _batch_axis, named_leaves
-from ignite_tbptt.window import call_model, default_model_fn, detached
+from ignite_tbptt.state import BatchDims, ResetFn, StateProtocol, _batch_axis, detach_state, named_leaves
+from ignite_tbptt.window import call_model, default_model_fn
 
 __all__ = ["GradientHorizon", "gradient_horizon"]
 
@@ -374,7 +374,7 @@ def _measure(
             "gradient_horizon: nothing to measure: no sample's target at the last step counts (mask or padding "
             "there for every sample), so the last step's loss has no gradient"
         )
-    state = detached(hidden)
+    state = detach_state(hidden)
     if first > 0:
         step = 1 if marks.stepwise else (tbtt_step or first)
         with torch.no_grad():
@@ -383,11 +383,11 @@ def _measure(
                     state = _step(model, model_fn, x, dim, start, state, marks, protocol)[1]
                 else:
                     state = call_model(model_fn, model, x.narrow(dim, start, min(step, first - start)), state)[1]
-        state = detached(state)
+        state = detach_state(state)
     if state is None:  # no state enters the window: the fresh one, in the structure the model returns
         with torch.no_grad():
             probe = call_model(model_fn, model, x.narrow(dim, first, 1), None)[1]
-        state = detached(protocol.fresh_like(probe))
+        state = detach_state(protocol.fresh_like(probe))
     batch = batch_size_of(x, dim)
     entering: List[Hidden] = []
     with _cudnn_off(x.is_cuda and not train_mode):

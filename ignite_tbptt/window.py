@@ -67,11 +67,6 @@ def cat_time(pieces: List[Any], dim: int) -> Any:
     return tree_unflatten(leaves, flat[0][1])
 
 
-def detached(value: Any) -> Any:
-    """A state, inputs or parameters (any nesting of tensors, or ``None``) cut from their graph, for saving."""
-    return detach_state(value)
-
-
 class _ScaleGrad(torch.autograd.Function):
     """The identity forward, the gradient times ``factor`` backward."""
 
@@ -350,7 +345,7 @@ class RecomputeWindow:
                     y_pred, state = run_span(self.gates, self._call, self.inputs.over(a, b), state, a,
                                              bool(self.checkpoint_every))
                     outputs.append(y_pred)
-            return detached(cat_time(outputs, self.dim)), detached(state)
+            return detach_state(cat_time(outputs, self.dim)), detach_state(state)
 
         return run
 
@@ -372,13 +367,13 @@ class RecomputeWindow:
                 cuts = [*self.calls, *self.gates.cuts(self.state_at, stop)]
                 for a, b in segment_spans(self.state_at, stop, cuts):
                     hidden = run_span(self.gates, self._call, self.inputs.over(a, b), hidden, a, False)[1]
-        return detached(hidden)
+        return detach_state(hidden)
 
     def state_dict(self) -> Dict[str, Any]:
         """The kept state, inputs and gates, cut from any graph: enough to continue the stream exactly."""
         return {
             "state_at": self.state_at,
-            "hidden": detached(self.hidden),
+            "hidden": detach_state(self.hidden),
             "inputs": self.inputs.state_dict(),
             "gates": self.gates.state_dict(),
             "factors": dict(self.factors),
@@ -675,12 +670,12 @@ class RetainWindow:
             if seg.params is not None:
                 if id(seg.params) not in index:
                     index[id(seg.params)] = len(versions)
-                    versions.append(detached(seg.params))
+                    versions.append(detach_state(seg.params))
                 version = index[id(seg.params)]
             else:
-                saved = [detached(t) for _, t in saved_tensors(seg.out_leaves)]
-            segments.append((seg.start, seg.stop, detached(seg.h_in), seg.x.clone(), version, saved, seg.factor))
-        return {"hidden": detached(self.hidden), "segments": segments, "versions": versions, "gates": self.gates.state_dict(),
+                saved = [detach_state(t) for _, t in saved_tensors(seg.out_leaves)]
+            segments.append((seg.start, seg.stop, detach_state(seg.h_in), seg.x.clone(), version, saved, seg.factor))
+        return {"hidden": detach_state(self.hidden), "segments": segments, "versions": versions, "gates": self.gates.state_dict(),
                 "chunk_starts": [seg.start for seg in self.segments if seg.opens_chunk]}
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
@@ -700,7 +695,7 @@ class RetainWindow:
 
     def state_at_stop(self) -> Optional[Hidden]:
         """The state after the last step run forward, cut from its graph (``None`` on a fresh stream)."""
-        return None if self.hidden is None else detached(self.hidden)
+        return None if self.hidden is None else detach_state(self.hidden)
 
 
 def _check_no_live_parameter_saved(call: nn.Module, segments: List[_Segment]) -> None:
